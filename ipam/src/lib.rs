@@ -1,0 +1,1 @@
+//! warren-ipam (placeholder until the allocator lands).

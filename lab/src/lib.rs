@@ -1,0 +1,2 @@
+//! warren-lab: a three-node cluster on one machine.
+pub mod kubeproxy;

@@ -1,0 +1,1 @@
+//! The lab micro-VM (lands with the lab issue).

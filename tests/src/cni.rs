@@ -1,0 +1,1 @@
+//! Running CNI plugins the way a runtime does.

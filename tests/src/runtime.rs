@@ -1,0 +1,1 @@
+//! Real container runtimes (containerd + runc) for end-to-end CNI tests.
