@@ -7,6 +7,8 @@
 //! * [`ipam`]: host-local's IPAM configuration schema, which `warren-ipam` shares.
 
 pub mod cni;
+pub mod daemon;
+pub mod dataplane;
 pub mod ipam;
 pub mod names;
 

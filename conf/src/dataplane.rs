@@ -1,0 +1,91 @@
+//! The desired kernel state that warren-node's parts compute (policy, overlay) and its writer
+//! applies: ipsets and iptables chains owned by warren, plus the single jumps that hook them into
+//! the built-in chains. Pure data; rules are already rendered as `iptables` arguments.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// An iptables table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    Raw,
+    Mangle,
+    Nat,
+    Filter,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Raw => "raw",
+            Table::Mangle => "mangle",
+            Table::Nat => "nat",
+            Table::Filter => "filter",
+        }
+    }
+}
+
+/// One ipset: its type (`hash:ip`, `hash:net`, `hash:ip,port`, `hash:net,port`, …) and members
+/// in `ipset` syntax (`10.0.0.1`, `10.0.0.0/24`, `10.0.0.0/28 nomatch`, `10.0.0.1,tcp:80`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpSetSpec {
+    pub kind: String,
+    pub members: BTreeSet<String>,
+}
+
+/// A jump from a built-in chain into a warren chain (the only thing warren puts into chains it
+/// does not own).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Hook {
+    pub table: Table,
+    /// The built-in chain (`INPUT`, `FORWARD`, `OUTPUT`, `PREROUTING`, `POSTROUTING`).
+    pub chain: String,
+    /// Rule arguments, e.g. `-j WARREN-FORWARD`.
+    pub rule: String,
+    /// Insert at the top (true) or append at the bottom.
+    pub first: bool,
+}
+
+/// Everything warren wants in the kernel's packet filter, as one value the writer diffs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredDataplane {
+    /// Set name (with `names::IPSET_PREFIX`) → set.
+    pub ipsets: BTreeMap<String, IpSetSpec>,
+    /// (table, chain name with `names::CHAIN_PREFIX`) → rules (arguments after `-A <chain>`).
+    pub chains: BTreeMap<(Table, String), Vec<String>>,
+    pub hooks: BTreeSet<Hook>,
+}
+
+impl DesiredDataplane {
+    /// Adds another part's state; a name both define is a programming error, reported by name.
+    pub fn merge(&mut self, other: DesiredDataplane) -> Result<(), String> {
+        for (k, v) in other.ipsets {
+            if self.ipsets.insert(k.clone(), v).is_some() {
+                return Err(format!("ipset {k} defined twice"));
+            }
+        }
+        for (k, v) in other.chains {
+            if self.chains.insert(k.clone(), v).is_some() {
+                return Err(format!("chain {} in {} defined twice", k.1, k.0.name()));
+            }
+        }
+        self.hooks.extend(other.hooks);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_merge_parts_and_refuse_duplicates() {
+        let mut a = DesiredDataplane::default();
+        a.chains
+            .insert((Table::Filter, "WARREN-A".into()), vec!["-j ACCEPT".into()]);
+        let mut b = DesiredDataplane::default();
+        b.chains.insert((Table::Nat, "WARREN-A".into()), vec![]);
+        a.merge(b.clone()).unwrap();
+        assert_eq!(a.chains.len(), 2);
+        assert!(a.merge(b).unwrap_err().contains("WARREN-A"));
+    }
+}
