@@ -115,10 +115,15 @@ impl Lab {
             netns::add(&ns)?;
             let sw_if = format!("n-{}", node.name);
             if !link_exists(sw, &sw_if) {
-                netns::ip(&[
-                    "link", "add", "eth0", "netns", &ns, "mtu", &mtu, "type", "veth", "peer", "name", &sw_if, "netns",
-                    sw, "mtu", &mtu,
-                ])?;
+                // Made from inside the node's namespace: the controller's own may already have an
+                // `eth0` (the micro-VM's NIC), and the kernel checks the name where the link is made.
+                netns::ip_in(
+                    &ns,
+                    &[
+                        "link", "add", "eth0", "mtu", &mtu, "type", "veth", "peer", "name", &sw_if, "netns", sw, "mtu",
+                        &mtu,
+                    ],
+                )?;
             }
             netns::ip_in(sw, &["link", "set", &sw_if, "master", "br0", "up"])?;
             netns::ip_in(&ns, &["addr", "replace", &format!("{}/24", node.ip), "dev", "eth0"])?;
@@ -146,9 +151,12 @@ impl Lab {
         let sw_if = format!("h-{name}");
         let (gw, net) = topology::host_gateway(ip);
         let res = (|| -> Result<()> {
-            netns::ip(&[
-                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &sw_if, "netns", sw,
-            ])?;
+            netns::ip_in(
+                &ns,
+                &[
+                    "link", "add", "eth0", "type", "veth", "peer", "name", &sw_if, "netns", sw,
+                ],
+            )?;
             netns::ip_in(sw, &["link", "set", &sw_if, "master", "br0", "up"])?;
             if net.contains(&topology::UNDERLAY_GW) {
                 // Same subnet as the nodes: the router's address is already there.

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Benchmarks and soaks, run by `make bench` (as root) with the release binaries.
+# Each prints a table and writes JSON under target/bench/. Timing is reported, never asserted;
+# the soak exits non-zero on any leak or duplicate address, and so does this script.
+#   BENCH_COUNT  ADD/DEL per plugin for bench-cni (default 1000)
+#   SOAK_CYCLES  ADD/DEL cycles for soak-cni (default 10000)
+# Later benchmarks get added below.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cargo="${CARGO:-cargo}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+export WARREN_BIN_DIR="${WARREN_BIN_DIR:-$target/release}"
+
+if [[ $EUID -ne 0 ]]; then
+  echo "bench.sh: run as root (the benchmarks make network namespaces)" >&2
+  exit 1
+fi
+"$cargo" build --release -p cni-bin -p integration-tests --bins
+mkdir -p "$root/target/bench"
+
+echo "== bench-cni: warren vs ptp + host-local"
+"$target/release/bench-cni" --count "${BENCH_COUNT:-1000}" --out "$root/target/bench/bench-cni.json"
+
+echo "== soak-cni: ADD/DEL with kill -9, then GC"
+"$target/release/soak-cni" --cycles "${SOAK_CYCLES:-10000}" --out "$root/target/bench/soak-cni.json"
+
+echo "== reports in $root/target/bench/"
