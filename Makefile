@@ -4,7 +4,7 @@ CARGO ?= cargo
 RELEASE_DIR := target/release
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all deps build lab test test-unit test-priv lint bench bench-cni clean
+.PHONY: all deps build lab test lint bench bench-cni image clean
 
 all: build
 
@@ -26,12 +26,17 @@ lint:
 # Tests run as root; each makes uniquely named namespaces and removes them, even on failure.
 test: build lint
 	WARREN_BIN_DIR=$(CURDIR)/$(RELEASE_DIR) $(CARGO) test --release --workspace -- --test-threads=2
+	WARREN_BIN_DIR=$(CURDIR)/$(RELEASE_DIR) scripts/check-install.sh
 
 bench: build
 	@scripts/bench.sh
 
 bench-cni: build
 	WARREN_BIN_DIR=$(CURDIR)/$(RELEASE_DIR) $(CARGO) run --release -p integration-tests --bin bench-cni
+
+# The node image from deploy/Dockerfile (docker, podman or buildah); says so plainly and fails where none works.
+image:
+	@deploy/build-image.sh
 
 clean:
 	$(CARGO) clean

@@ -48,6 +48,10 @@ pub enum Request {
         component: String,
         #[serde(default)]
         down_ms: u64,
+        /// Extra arguments for the restarted component (e.g. warren-node flags); they stay in
+        /// effect for later restarts until replaced.
+        #[serde(default)]
+        extra_args: Option<Vec<String>>,
     },
     Shutdown,
 }

@@ -62,6 +62,8 @@ pub struct Lab {
     hosts: Mutex<BTreeMap<String, HostRt>>,
     children: Mutex<Vec<(String, Child)>>,
     failures: Mutex<HashMap<String, (Instant, String)>>,
+    /// Extra warren-node flags per node (set through the control channel's Restart).
+    node_args: Mutex<HashMap<String, Vec<String>>>,
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -368,8 +370,7 @@ impl Lab {
         if let Ok(mut ch) = self.children.lock() {
             ch.retain_mut(|(label, child)| {
                 if label.starts_with(label_prefix) {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    stop_child(child);
                     false
                 } else {
                     true
@@ -397,6 +398,56 @@ impl Lab {
         self.spawn_child(&format!("kube-proxy-{}", node.name), cmd)
     }
 
+    /// The reference plugins a node's CNI package (kubernetes-cni) puts into `/opt/cni/bin`.
+    fn install_reference_plugins(&self, node: &NodeSpec) -> Result<()> {
+        let dir = nodectx::node_dir(&self.cfg.state_dir, &node.name).join("opt/cni/bin");
+        for bin in ["loopback", "portmap", "bandwidth", "tuning", "host-local"] {
+            let src = PathBuf::from("/usr/lib/cni").join(bin);
+            if src.exists() {
+                std::fs::copy(&src, dir.join(bin)).with_context(|| format!("installing {}", src.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// warren-node as its DaemonSet runs it: `install-cni` first (the init container), then the daemon,
+    /// both in the node's context so they see the node's own CNI directories.
+    fn start_warren_node(&self, node: &NodeSpec, install: bool) -> Result<()> {
+        let bin = self.cfg.bin_dir.join("warren-node").to_string_lossy().into_owned();
+        let binds = self.node_binds(&node.name);
+        if install {
+            let argv = vec![
+                bin.clone(),
+                "install-cni".into(),
+                "--source-dir".into(),
+                self.cfg.bin_dir.to_string_lossy().into_owned(),
+            ];
+            let out = nodectx::node_command(&self.cfg.exe, &node.netns(), binds, &argv).output()?;
+            if !out.status.success() {
+                bail!(
+                    "warren-node install-cni on {}: {}",
+                    node.name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        let mut argv = vec![
+            bin,
+            "run".into(),
+            "--kubeconfig".into(),
+            self.cfg.node_kubeconfig().to_string_lossy().into_owned(),
+            "--node-name".into(),
+            node.name.clone(),
+            "--ipip-mode".into(),
+            self.cfg.ipip_mode.clone(),
+        ];
+        if let Some(extra) = self.node_args.lock().map_err(|_| anyhow!("poisoned"))?.get(&node.name) {
+            argv.extend(extra.iter().cloned());
+        }
+        let cmd = nodectx::node_command(&self.cfg.exe, &node.netns(), binds, &argv);
+        self.spawn_child(&format!("warren-node-{}", node.name), cmd)
+    }
+
     /// Until warren-node runs on the nodes, the lab installs the CNI plugin and writes the conflist
     /// the way warren-node would render it.
     fn install_cni(&self, node: &NodeSpec) -> Result<()> {
@@ -406,12 +457,6 @@ impl Lab {
             if src.exists() {
                 std::fs::copy(&src, dir.join("opt/cni/bin").join(bin))
                     .with_context(|| format!("installing {}", src.display()))?;
-            }
-        }
-        for bin in ["loopback", "portmap", "bandwidth", "tuning", "host-local"] {
-            let src = PathBuf::from("/usr/lib/cni").join(bin);
-            if src.exists() {
-                std::fs::copy(&src, dir.join("opt/cni/bin").join(bin))?;
             }
         }
         let mtu = self.cfg.underlay_mtu.saturating_sub(20);
@@ -456,6 +501,22 @@ impl Lab {
             let _ = netns::del(&ns);
         }
     }
+}
+
+/// SIGTERM first, as kubelet stops a container, then SIGKILL after a grace period.
+fn stop_child(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn link_exists(ns: &str, link: &str) -> bool {
@@ -505,6 +566,7 @@ pub async fn run(cfg: LabConfig) -> Result<()> {
         hosts: Mutex::new(BTreeMap::new()),
         children: Mutex::new(Vec::new()),
         failures: Mutex::new(HashMap::new()),
+        node_args: Mutex::new(HashMap::new()),
     });
     let res = run_inner(lab.clone(), t0).await;
     info!("controller stopping: tearing the lab down");
@@ -559,7 +621,10 @@ async fn run_inner(lab: Arc<Lab>, t0: Instant) -> Result<()> {
     let client = client_from(&cfg.local_kubeconfig()).await?;
     bootstrap_objects(&client, &cfg).await?;
     for node in &cfg.nodes {
-        if !cfg.warren_node {
+        lab.install_reference_plugins(node)?;
+        if cfg.warren_node {
+            lab.start_warren_node(node, true)?;
+        } else {
             lab.install_cni(node)?;
         }
         lab.start_kube_proxy(node)?;
@@ -1092,15 +1157,31 @@ async fn handle(lab: Arc<Lab>, store: reflector::Store<Pod>, client: Client, req
             node,
             component,
             down_ms,
+            extra_args,
         } => {
             let n = lab.node(&node)?.clone();
             match component.as_str() {
+                "warren-node" => {
+                    if !lab.cfg.warren_node {
+                        bail!("this lab runs without warren-node");
+                    }
+                    if let Some(args) = extra_args {
+                        lab.node_args
+                            .lock()
+                            .map_err(|_| anyhow!("poisoned"))?
+                            .insert(node.clone(), args);
+                    }
+                    lab.kill_children(&format!("warren-node-{node}"));
+                    tokio::time::sleep(Duration::from_millis(down_ms)).await;
+                    let l = lab.clone();
+                    tokio::task::spawn_blocking(move || l.start_warren_node(&n, false)).await??;
+                }
                 "kube-proxy" => {
                     lab.kill_children(&format!("kube-proxy-{node}"));
                     tokio::time::sleep(Duration::from_millis(down_ms)).await;
                     lab.start_kube_proxy(&n)?;
                 }
-                other => bail!("cannot restart {other:?} (kube-proxy)"),
+                other => bail!("cannot restart {other:?} (warren-node, kube-proxy)"),
             }
             Ok(json!("restarted"))
         }

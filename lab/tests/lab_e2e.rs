@@ -1,0 +1,255 @@
+//! End to end: one lab for the whole file (booting it is the slow part), driven through the
+//! `warren-lab` CLI exactly as a user drives it. Runs as root; on this kernel the lab runs in the
+//! micro-VM. The lab is taken down at the end even when a check fails.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("WARREN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release")
+}
+
+struct Lab {
+    exe: PathBuf,
+    state: PathBuf,
+}
+
+impl Lab {
+    fn cmd(&self, args: &[&str]) -> Output {
+        let out = Command::new(&self.exe)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("running warren-lab");
+        eprintln!(
+            "$ warren-lab {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(out.status.success(), "warren-lab {} failed", args.join(" "));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    fn probe(&self, from: &str, to: &str, port: &str) -> Value {
+        let out = self.cmd(&["probe", from, to, "--port", port, "--timeout", "3", "--json"]);
+        serde_json::from_slice(&out.stdout).expect("probe JSON")
+    }
+
+    fn wait_running(&self, n: usize) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let v = self.json(&["kubectl", "--", "get", "pods", "-A", "-o", "json"]);
+            let running = v["items"].as_array().map_or(0, |a| {
+                a.iter()
+                    .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+                    .count()
+            });
+            if running >= n {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "only {running} of {n} pods Running");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.exe)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("down")
+            .status();
+    }
+}
+
+fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn qemu_running_for(state: &str) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("qemu-system") && String::from_utf8_lossy(&c).contains(state))
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn should_run_a_three_node_cluster_with_warren() {
+    let exe = bin_dir().join("warren-lab");
+    assert!(
+        exe.exists(),
+        "{} is missing: build with `cargo build --release --workspace --bins`",
+        exe.display()
+    );
+    let state = PathBuf::from(format!("/run/warren-lab-e2e-{}", std::process::id()));
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lab = Lab {
+        exe,
+        state: state.clone(),
+    };
+
+    // up: returns when nodes are Ready, and says how long it took.
+    let up = lab.ok(&["up", "--no-warren-node"]);
+    assert!(up.contains("3 nodes Ready"), "{up}");
+    let nodes = lab.json(&["kubectl", "--", "get", "nodes", "-o", "json"]);
+    let names: Vec<&str> = nodes["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node1", "node2", "node3"]);
+
+    // kubectl apply / label / annotate against the stand-in; pods land on every node.
+    let manifest = repo.join("tests/scenarios/basic/pods.yaml");
+    lab.ok(&["kubectl", "--", "apply", "-f", manifest.to_str().unwrap()]);
+    let pods = lab.wait_running(6);
+    let blocks = [
+        ("node1", "10.233.90."),
+        ("node2", "10.233.96."),
+        ("node3", "10.233.92."),
+    ];
+    for p in pods["items"].as_array().unwrap() {
+        let node = p["spec"]["nodeName"].as_str().unwrap();
+        let ip = p["status"]["podIP"].as_str().unwrap();
+        let prefix = blocks.iter().find(|(n, _)| *n == node).unwrap().1;
+        assert!(ip.starts_with(prefix), "pod on {node} got {ip}, outside its block");
+    }
+    lab.ok(&["kubectl", "--", "label", "pod", "-n", "alpha", "a1", "tier=front"]);
+    lab.ok(&["kubectl", "--", "annotate", "pod", "-n", "alpha", "a1", "note=hello"]);
+    let a1 = lab.json(&["kubectl", "--", "get", "pod", "-n", "alpha", "a1", "-o", "json"]);
+    assert_eq!(a1["metadata"]["labels"]["tier"], "front");
+    assert_eq!(a1["metadata"]["annotations"]["note"], "hello");
+    let sel = lab.ok(&["kubectl", "--", "get", "pods", "-A", "-l", "tier=front", "-o", "name"]);
+    assert_eq!(sel.trim(), "pod/a1");
+
+    // The pod's host side is what a Calico user expects.
+    let routes = lab.ok(&["exec", "node:node1", "--", "ip", "route"]);
+    let a1_ip = a1["status"]["podIP"].as_str().unwrap();
+    assert!(
+        routes.lines().any(|l| l.starts_with(&format!("{a1_ip} dev cali"))),
+        "{routes}"
+    );
+    let conf = lab.ok(&["exec", "node:node2", "--", "cat", "/etc/cni/net.d/10-warren.conflist"]);
+    assert!(conf.contains("10.233.96.0/24"), "node2's own conflist: {conf}");
+
+    // Same-node pod to pod, TCP and UDP; each answer names the pod reached.
+    let r = lab.probe("beta/b1", "alpha/a1", "8080");
+    assert_eq!(r["connected"], true, "{r}");
+    assert_eq!(r["reply"], "a1");
+    let out = lab.cmd(&["probe", "alpha/a2", "alpha/a2", "--port", "5353", "--protocol", "UDP"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected");
+    // Nothing listens on 9: a closed port is "blocked" with exit 1.
+    let closed = lab.cmd(&["probe", "beta/b1", "alpha/a1", "--port", "9", "--timeout", "1"]);
+    assert_eq!(closed.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&closed.stdout).trim(), "blocked");
+
+    // NodePort and ClusterIP to a pod on the same node; kube-proxy's SNAT visible with Cluster.
+    lab.ok(&["host", "add", "lb", "10.2.3.4"]);
+    let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web1","namespace":"alpha"},
+        "spec":{"type":"NodePort","selector":{"tier":"front"},"externalTrafficPolicy":"Cluster",
+        "ports":[{"port":80,"targetPort":"http","nodePort":31000}]}}"#;
+    let svc_file = state.join("svc.json");
+    std::fs::write(&svc_file, svc).unwrap();
+    lab.ok(&["kubectl", "--", "apply", "-f", svc_file.to_str().unwrap()]);
+    let wait_probe = |from: &str, to: &str, port: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = lab.probe(from, to, port);
+            if r["connected"] == true || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let r = wait_probe("host:lb", "node:node1", "31000");
+    assert_eq!(r["reply"], "a1", "{r}");
+    assert_eq!(
+        r["seen_as"], "10.102.123.117",
+        "Cluster: kube-proxy masquerades NodePort traffic: {r}"
+    );
+    let cluster_ip = lab.ok(&[
+        "kubectl",
+        "--",
+        "get",
+        "svc",
+        "-n",
+        "alpha",
+        "web1",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let r = wait_probe("beta/b1", cluster_ip.trim(), "80");
+    assert_eq!(r["reply"], "a1", "{r}");
+    lab.ok(&[
+        "kubectl",
+        "--",
+        "patch",
+        "svc",
+        "-n",
+        "alpha",
+        "web1",
+        "-p",
+        r#"{"spec":{"externalTrafficPolicy":"Local"}}"#,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        let r = lab.probe("host:lb", "node:node1", "31000");
+        if r["seen_as"] == "10.2.3.4" || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(r["seen_as"], "10.2.3.4", "Local: the client's address is kept: {r}");
+
+    // Deleting a pod runs CNI DEL: its route and veth are gone from the node.
+    lab.ok(&["kubectl", "--", "delete", "pod", "-n", "alpha", "a1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let routes = lab.ok(&["exec", "node:node1", "--", "ip", "route"]);
+        if !routes.contains(&format!("{a1_ip} dev cali")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a1's route stayed after delete: {routes}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // down leaves nothing: no state, no namespaces, no VM.
+    lab.ok(&["down"]);
+    assert!(!state.exists(), "state dir left behind");
+    assert!(
+        netns_with_prefix("wlab-").is_empty(),
+        "namespaces left: {:?}",
+        netns_with_prefix("wlab-")
+    );
+    assert!(
+        !qemu_running_for(state.to_str().unwrap()),
+        "a qemu process is still running"
+    );
+}

@@ -1,0 +1,316 @@
+//! `warren-node`: run the node daemon, install the CNI plugin, or remove everything warren put
+//! into this node's kernel.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use conf::daemon::{parse_pool, DaemonConfig, IpipMode, IptablesBackend, IPIP_OVERHEAD};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use node_daemon::block::claim_block;
+use node_daemon::k8s::{self, KubeNodes};
+use node_daemon::metrics::Metrics;
+use node_daemon::netlink::{sync_routes, LinkOps, Netlink};
+use node_daemon::reconcile::{LocalNode, Reconciler};
+use node_daemon::writer::{backend, ExecRunner, Writer};
+use node_daemon::{cniconf, health};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+#[derive(Parser)]
+#[command(name = "warren-node", version, about = "warren's node daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: claim the block, write the conflist, program tunl0, routes and filter.
+    Run(RunArgs),
+    /// Copy the `warren` and `warren-ipam` binaries into the CNI bin dir (the DaemonSet's init
+    /// step). The conflist is written by `run` once the block is known, or here with `--block`.
+    InstallCni(InstallArgs),
+    /// Remove warren's chains, hooks, sets, proto-88 routes, tunl0's address and the conflist.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kubeconfig file; without it: in-cluster service account, then the usual defaults.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "NODENAME")]
+    node_name: Option<String>,
+    #[arg(long, env = "WARREN_POOL", default_value = conf::daemon::DEFAULT_POOL)]
+    pool: String,
+    /// Prefix length of each node's block.
+    #[arg(long, env = "WARREN_BLOCK_SIZE", default_value_t = conf::daemon::DEFAULT_BLOCK_PREFIX)]
+    block_size: u8,
+    /// Always, CrossSubnet or Never.
+    #[arg(long, env = "WARREN_IPIP_MODE", default_value = "Always")]
+    ipip_mode: String,
+    /// Pod and tunl0 MTU (default: underlay MTU − 20, or the underlay MTU in mode Never).
+    #[arg(long, env = "WARREN_MTU")]
+    mtu: Option<u32>,
+    #[arg(long, env = "WARREN_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
+    nat_outgoing: bool,
+    #[arg(long, env = "WARREN_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    #[arg(long, env = "WARREN_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, env = "WARREN_HEALTH_ADDR", default_value = conf::daemon::DEFAULT_HEALTH_ADDR)]
+    health_addr: SocketAddr,
+    /// Seconds between full resyncs (drift repair).
+    #[arg(long, env = "WARREN_RESYNC_INTERVAL", default_value_t = 10)]
+    resync_interval: u64,
+    /// auto, legacy or nft.
+    #[arg(long, env = "WARREN_IPTABLES_BACKEND", default_value = "auto")]
+    iptables_backend: String,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// Where `warren` and `warren-ipam` are (default: this executable's directory).
+    #[arg(long, env = "WARREN_SOURCE_DIR")]
+    source_dir: Option<PathBuf>,
+    #[arg(long, env = "WARREN_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, env = "WARREN_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Also write the conflist for this block.
+    #[arg(long)]
+    block: Option<String>,
+    #[arg(long, env = "WARREN_MTU", default_value_t = 1480)]
+    mtu: u32,
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    #[arg(long, env = "WARREN_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    #[arg(long, env = "WARREN_IPTABLES_BACKEND", default_value = "auto")]
+    iptables_backend: String,
+}
+
+fn hostname() -> Option<String> {
+    nix::unistd::gethostname().ok()?.into_string().ok()
+}
+
+impl RunArgs {
+    fn config(&self) -> Result<DaemonConfig> {
+        let cfg = DaemonConfig {
+            node_name: self.node_name.clone().or_else(hostname).unwrap_or_default(),
+            pool: parse_pool(&self.pool)?,
+            block_prefix: self.block_size,
+            ipip_mode: self.ipip_mode.parse()?,
+            mtu: self.mtu,
+            nat_outgoing: self.nat_outgoing,
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            cni_bin_dir: self.cni_bin_dir.clone(),
+            health_addr: self.health_addr,
+            resync_interval: Duration::from_secs(self.resync_interval),
+            iptables_backend: self.iptables_backend.parse()?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Retries an API step with capped exponential backoff (the API may be down at start).
+async fn with_backoff<T, F, Fut, E>(what: &str, metrics: &Metrics, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                Metrics::inc(&metrics.api_errors);
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let metrics = Arc::new(Metrics::default());
+    let addr = health::serve(cfg.health_addr, metrics.clone())
+        .await
+        .with_context(|| format!("binding the health server on {}", cfg.health_addr))?;
+    tracing::info!(node = %cfg.node_name, health = %addr, mode = %cfg.ipip_mode, "warren-node starting");
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+
+    let store = KubeNodes { api: nodes_api.clone() };
+    let block = with_backoff("claiming the node's block", &metrics, || {
+        claim_block(&store, cfg.pool, cfg.block_prefix, &cfg.node_name)
+    })
+    .await;
+    tracing::info!(%block, "node block");
+    let me = with_backoff("reading this Node", &metrics, || nodes_api.get(&cfg.node_name)).await;
+    let ip = k8s::internal_ip(&me);
+
+    let net = Netlink::connect().context("opening the netlink socket")?;
+    let underlay = match ip {
+        Some(ip) => net.underlay(ip).await.context("finding the underlay interface")?,
+        None => None,
+    };
+    let underlay_mtu = underlay.map_or(1500, |u| u.mtu);
+    let mtu = cfg.mtu.unwrap_or(match cfg.ipip_mode {
+        IpipMode::Never => underlay_mtu,
+        _ => underlay_mtu.saturating_sub(IPIP_OVERHEAD),
+    });
+    if cniconf::write_conflist(&cfg.cni_conf_dir, block, mtu)? {
+        tracing::info!(dir = %cfg.cni_conf_dir.display(), %block, mtu, "wrote the conflist");
+    }
+
+    let runner = ExecRunner::new();
+    let backend = backend::detect(&runner, cfg.iptables_backend);
+    let mut rec = Reconciler {
+        net,
+        writer: Writer::new(runner, backend),
+        local: LocalNode {
+            name: cfg.node_name.clone(),
+            block,
+            ip,
+            underlay_subnet: underlay.map(|u| u.subnet),
+            mtu,
+            mode: cfg.ipip_mode,
+            pool: cfg.pool,
+            nat_outgoing: cfg.nat_outgoing,
+        },
+        metrics: metrics.clone(),
+    };
+
+    let changed = Arc::new(Notify::new());
+    let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone());
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval(cfg.resync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_set = false;
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tick.tick() => {}
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: exiting, dataplane left in place");
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted: exiting, dataplane left in place");
+                return Ok(());
+            }
+        }
+        // Nothing is programmed (and nothing swept) before the first complete Node list: a
+        // restart keeps the old state until the new one is known.
+        if !nodes.synced.load(std::sync::atomic::Ordering::Acquire) {
+            continue;
+        }
+        let infos: Vec<_> = nodes.store.state().iter().map(|n| k8s::to_info(n)).collect();
+        match rec.reconcile(&infos, None, true).await {
+            Ok(o) => {
+                if o.routes_changed > 0 || !o.dataplane_changed.is_empty() {
+                    tracing::info!(routes = o.routes, routes_changed = o.routes_changed, dataplane = ?o.dataplane_changed, "synced");
+                }
+                if !status_set {
+                    match k8s::set_network_available(&client, &cfg.node_name).await {
+                        Ok(()) => status_set = true,
+                        Err(e) => {
+                            Metrics::inc(&metrics.api_errors);
+                            tracing::warn!(error = %e, "could not set NetworkUnavailable=False; will retry");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "sync failed; retrying at the next event or resync"),
+        }
+    }
+}
+
+fn install_cni(args: InstallArgs) -> Result<()> {
+    let source = match args.source_dir {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .context("finding this executable")?
+            .parent()
+            .map(PathBuf::from)
+            .context("executable has no directory")?,
+    };
+    for p in cniconf::install_binaries(&source, &args.cni_bin_dir)? {
+        tracing::info!(path = %p.display(), "installed");
+    }
+    if let Some(b) = args.block {
+        let block = b.parse().with_context(|| format!("--block {b:?} is not a CIDR"))?;
+        cniconf::write_conflist(&args.cni_conf_dir, block, args.mtu)?;
+    }
+    Ok(())
+}
+
+async fn uninstall(args: UninstallArgs) -> Result<()> {
+    let backend_wanted: IptablesBackend = args.iptables_backend.parse()?;
+    let runner = ExecRunner::new();
+    let backend = backend::detect(&runner, backend_wanted);
+    let mut errors = Vec::new();
+    if let Err(e) = Writer::new(runner, backend).remove_all() {
+        errors.push(e.to_string());
+    }
+    let net = Netlink::connect()?;
+    if let Err(e) = sync_routes(&net, &[]).await {
+        errors.push(e.to_string());
+    }
+    if let Err(e) = net.clear_tunnel(conf::names::TUNNEL_IFACE).await {
+        errors.push(e.to_string());
+    }
+    let conflist = args.cni_conf_dir.join(conf::daemon::CONFLIST_FILE);
+    match std::fs::remove_file(&conflist) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("removing {}: {e}", conflist.display())),
+    }
+    if !errors.is_empty() {
+        bail!("uninstall incomplete: {}", errors.join("; "));
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run(a) => run(a).await,
+        Cmd::InstallCni(a) => install_cni(a),
+        Cmd::Uninstall(a) => uninstall(a).await,
+    }
+}

@@ -1,0 +1,83 @@
+//! The one door to the iptables/ipset binaries, so that the writer can be driven by a fake kernel
+//! in unit tests and by the real binaries (optionally inside a named netns) everywhere else.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// A failed command, with what it printed so that the log says why.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("could not start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} {args} failed ({status}): {stderr}")]
+    Failed {
+        program: String,
+        args: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// Runs a program with arguments and optional stdin, returning its stdout.
+pub trait CommandRunner: Send + Sync {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CmdError>;
+}
+
+/// Runs the real binaries, in the current netns or (for tests and the lab) in a named one through
+/// `ip netns exec`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRunner {
+    netns: Option<String>,
+}
+
+impl ExecRunner {
+    pub fn new() -> Self {
+        Self { netns: None }
+    }
+
+    pub fn in_netns(name: impl Into<String>) -> Self {
+        Self {
+            netns: Some(name.into()),
+        }
+    }
+}
+
+impl CommandRunner for ExecRunner {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CmdError> {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let spawn_err = |source| CmdError::Spawn {
+            program: program.to_string(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A restore that rejects its input early closes the pipe; the exit status says why.
+            let _ = pipe.write_all(input.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if !out.status.success() {
+            return Err(CmdError::Failed {
+                program: program.to_string(),
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}

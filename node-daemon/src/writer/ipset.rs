@@ -1,0 +1,198 @@
+//! Pure ipset planning: read back `ipset save` (only `warren-*` sets), compare with the desired
+//! sets, and render an `ipset restore` script: creations and member changes before the iptables
+//! batch, destructions after it (when no rule references the sets any more).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use conf::dataplane::IpSetSpec;
+use conf::names::IPSET_PREFIX;
+use sha1::{Digest, Sha1};
+
+/// Normalises a member the way the kernel prints it back (hash:net shows a /32 as a bare address).
+pub fn normalize_member(kind: &str, member: &str) -> String {
+    let member = member.split_whitespace().collect::<Vec<_>>().join(" ");
+    if kind.starts_with("hash:net") {
+        let (addr, rest) = member.split_once(' ').map_or((member.as_str(), ""), |(a, r)| (a, r));
+        let (first, tail) = addr.split_once(',').map_or((addr, None), |(a, t)| (a, Some(t)));
+        let first = first.strip_suffix("/32").unwrap_or(first);
+        let mut out = first.to_string();
+        if let Some(t) = tail {
+            out.push(',');
+            out.push_str(t);
+        }
+        if !rest.is_empty() {
+            out.push(' ');
+            out.push_str(rest);
+        }
+        return out;
+    }
+    member
+}
+
+fn normalized(spec: &IpSetSpec) -> BTreeSet<String> {
+    spec.members.iter().map(|m| normalize_member(&spec.kind, m)).collect()
+}
+
+/// Parses `ipset save`; sets not named with warren's prefix are skipped.
+pub fn parse_save(text: &str) -> BTreeMap<String, IpSetSpec> {
+    let mut sets: BTreeMap<String, IpSetSpec> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("create"), Some(name)) if name.starts_with(IPSET_PREFIX) => {
+                let kind = words.next().unwrap_or_default().to_string();
+                sets.insert(
+                    name.to_string(),
+                    IpSetSpec {
+                        kind,
+                        members: BTreeSet::new(),
+                    },
+                );
+            }
+            (Some("add"), Some(name)) => {
+                if let Some(set) = sets.get_mut(name) {
+                    let member = words.collect::<Vec<_>>().join(" ");
+                    let m = normalize_member(&set.kind, &member);
+                    set.members.insert(m);
+                }
+            }
+            _ => {}
+        }
+    }
+    sets
+}
+
+/// Name of the temporary set used to replace a set of another type; prefixed so a crash leaves
+/// something the next sweep recognises.
+pub fn temp_name(name: &str) -> String {
+    let h = hex::encode(Sha1::digest(name.as_bytes()));
+    format!("{IPSET_PREFIX}t-{}", &h[..16])
+}
+
+fn create_line(name: &str, kind: &str) -> String {
+    format!("create {name} {kind} family inet hashsize 1024 maxelem 1048576\n")
+}
+
+/// The ipset side of one apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetPlan {
+    /// `ipset restore` input run before iptables (creations, member changes).
+    pub before: String,
+    /// `ipset restore` input run after iptables (destroying stale sets).
+    pub after: String,
+    pub changed: Vec<String>,
+}
+
+pub fn plan_sets(desired: &BTreeMap<String, IpSetSpec>, actual: &BTreeMap<String, IpSetSpec>, sweep: bool) -> SetPlan {
+    let mut p = SetPlan::default();
+    for (name, spec) in desired {
+        let want = normalized(spec);
+        match actual.get(name) {
+            None => {
+                p.before.push_str(&create_line(name, &spec.kind));
+                for m in &want {
+                    p.before.push_str(&format!("add {name} {m}\n"));
+                }
+                p.changed.push(format!("ipset {name} created"));
+            }
+            Some(have) if have.kind != spec.kind => {
+                // Sets of different types cannot be swapped, but a set can be emptied and
+                // refilled in one restore; the kernel refuses to destroy it while referenced,
+                // which the restore error then reports.
+                let tmp = temp_name(name);
+                p.before.push_str(&format!("destroy {name}\n"));
+                p.before.push_str(&create_line(&tmp, &spec.kind));
+                for m in &want {
+                    p.before.push_str(&format!("add {tmp} {m}\n"));
+                }
+                p.before.push_str(&format!("rename {tmp} {name}\n"));
+                p.changed
+                    .push(format!("ipset {name} type {} -> {}", have.kind, spec.kind));
+            }
+            Some(have) => {
+                let mut n = 0usize;
+                for m in want.difference(&have.members) {
+                    p.before.push_str(&format!("add {name} {m}\n"));
+                    n += 1;
+                }
+                for m in have.members.difference(&want) {
+                    p.before.push_str(&format!("del {name} {m}\n"));
+                    n += 1;
+                }
+                if n > 0 {
+                    p.changed.push(format!("ipset {name} members ({n} changed)"));
+                }
+            }
+        }
+    }
+    if sweep {
+        for name in actual.keys() {
+            if !desired.contains_key(name) {
+                p.after.push_str(&format!("destroy {name}\n"));
+                p.changed.push(format!("ipset {name} removed"));
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: &str, m: &[&str]) -> IpSetSpec {
+        IpSetSpec {
+            kind: kind.into(),
+            members: m.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn should_read_only_warren_sets_as_the_kernel_prints_them() {
+        let text = "create KUBE-X hash:ip family inet\nadd KUBE-X 1.1.1.1\n\
+                    create warren-all-cidrs hash:net family inet hashsize 1024 maxelem 65536\n\
+                    add warren-all-cidrs 10.0.0.1\nadd warren-all-cidrs 10.0.0.0/28 nomatch\n";
+        let sets = parse_save(text);
+        assert_eq!(sets.len(), 1);
+        let s = &sets["warren-all-cidrs"];
+        assert_eq!(s.kind, "hash:net");
+        assert!(s.members.contains("10.0.0.1") && s.members.contains("10.0.0.0/28 nomatch"));
+    }
+
+    #[test]
+    fn should_plan_creation_then_nothing_then_member_delta() {
+        let mut desired = BTreeMap::new();
+        desired.insert(
+            "warren-all-cidrs".to_string(),
+            spec("hash:net", &["10.0.0.1/32", "10.1.0.0/16"]),
+        );
+        let p = plan_sets(&desired, &BTreeMap::new(), false);
+        assert!(p.before.starts_with("create warren-all-cidrs hash:net family inet"));
+        assert!(p.before.contains("add warren-all-cidrs 10.0.0.1\n"));
+        let actual = parse_save(&format!(
+            "{}add warren-all-cidrs 10.0.0.1\nadd warren-all-cidrs 10.1.0.0/16\n",
+            p.before.lines().next().unwrap().to_string() + "\n"
+        ));
+        assert_eq!(plan_sets(&desired, &actual, true), SetPlan::default());
+        desired.get_mut("warren-all-cidrs").unwrap().members = ["10.2.0.0/16".to_string()].into();
+        let p = plan_sets(&desired, &actual, true);
+        assert_eq!(
+            p.before,
+            "add warren-all-cidrs 10.2.0.0/16\ndel warren-all-cidrs 10.0.0.1\ndel warren-all-cidrs 10.1.0.0/16\n"
+        );
+    }
+
+    #[test]
+    fn should_destroy_stale_sets_only_after_sync_and_after_iptables() {
+        let actual = parse_save("create warren-old hash:ip family inet\n");
+        assert_eq!(plan_sets(&BTreeMap::new(), &actual, false), SetPlan::default());
+        let p = plan_sets(&BTreeMap::new(), &actual, true);
+        assert_eq!(p.before, "");
+        assert_eq!(p.after, "destroy warren-old\n");
+    }
+
+    #[test]
+    fn should_keep_temp_names_within_ipset_limits() {
+        assert!(temp_name("warren-some-very-long-set-name-xxxxxxxx").len() <= 31);
+    }
+}

@@ -1,0 +1,348 @@
+//! Pure iptables planning: read back `iptables-save` (only warren's chains and its hooks, by the
+//! hash comment on each rule), compare with the desired chains, and render one
+//! `iptables-restore --noflush` batch per table that rewrites only what differs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use conf::dataplane::{Hook, Table};
+use conf::names::{CHAIN_PREFIX, RULE_COMMENT_PREFIX};
+use sha1::{Digest, Sha1};
+
+pub const ALL_TABLES: [Table; 4] = [Table::Raw, Table::Mangle, Table::Nat, Table::Filter];
+
+/// One rule as `iptables-save` printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedRule {
+    /// Everything after `-A <chain> `, usable verbatim with `-D <chain>`.
+    pub spec: String,
+    /// The hash of a `warren:<hash>` comment, if the rule has one.
+    pub hash: Option<String>,
+}
+
+/// A table as read back: every chain (built-in or not) with its rules, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedTable {
+    pub chains: BTreeMap<String, Vec<SavedRule>>,
+}
+
+pub fn is_ours(chain: &str) -> bool {
+    chain.starts_with(CHAIN_PREFIX)
+}
+
+/// Extracts the value of the `--comment` option if it is one of warren's.
+fn comment_hash(spec: &str) -> Option<String> {
+    let idx = spec.find("--comment ")?;
+    let rest = &spec[idx + "--comment ".len()..];
+    let value = if let Some(stripped) = rest.strip_prefix('"') {
+        &stripped[..stripped.find('"')?]
+    } else {
+        rest.split_whitespace().next()?
+    };
+    value.strip_prefix(RULE_COMMENT_PREFIX).map(str::to_string)
+}
+
+/// Parses the output of `iptables-save -t <table>`. Unknown lines are ignored: only chain names
+/// and our hashes matter.
+pub fn parse_save(text: &str) -> SavedTable {
+    let mut t = SavedTable::default();
+    for line in text.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            if let Some(name) = decl.split_whitespace().next() {
+                t.chains.entry(name.to_string()).or_default();
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            let rule = SavedRule {
+                spec: spec.to_string(),
+                hash: comment_hash(spec),
+            };
+            t.chains.entry(chain.to_string()).or_default().push(rule);
+        }
+    }
+    t
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha1::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())[..16].to_string()
+}
+
+/// The hashes of a chain's rules; each depends on the chain name and its predecessor, so a rule
+/// moved, removed or edited changes the list (Calico's `RuleHashes` idea).
+pub fn rule_hashes(chain: &str, rules: &[String]) -> Vec<String> {
+    let mut prev = String::new();
+    rules
+        .iter()
+        .map(|r| {
+            prev = short_hash(&[chain, &prev, r]);
+            prev.clone()
+        })
+        .collect()
+}
+
+pub fn hook_hash(hook: &Hook) -> String {
+    short_hash(&["hook", hook.table.name(), &hook.chain, &hook.rule])
+}
+
+fn comment(hash: &str) -> String {
+    format!("-m comment --comment \"{RULE_COMMENT_PREFIX}{hash}\"")
+}
+
+/// What to do with one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TablePlan {
+    /// The `iptables-restore --noflush` input; empty when the table is already right.
+    pub restore: String,
+    /// Human names of what changes (for logs and drift accounting).
+    pub changed: Vec<String>,
+}
+
+/// Plans one table. `sweep` allows removing warren chains and hooks that are no longer desired
+/// (only after the first full sync, so a restart never opens a window).
+pub fn plan_table(
+    table: Table,
+    desired: &BTreeMap<String, Vec<String>>,
+    hooks: &[&Hook],
+    actual: &SavedTable,
+    sweep: bool,
+) -> TablePlan {
+    let mut decls = Vec::new();
+    let mut body = Vec::new();
+    let mut changed = Vec::new();
+    let tname = table.name();
+
+    for (chain, rules) in desired {
+        let hashes = rule_hashes(chain, rules);
+        let same = actual.chains.get(chain).is_some_and(|saved| {
+            saved.len() == hashes.len() && saved.iter().zip(&hashes).all(|(s, h)| s.hash.as_deref() == Some(h))
+        });
+        if same {
+            continue;
+        }
+        // Declaring a chain in a --noflush restore creates it or flushes it: the rewrite is atomic.
+        decls.push(format!(":{chain} - [0:0]"));
+        for (rule, hash) in rules.iter().zip(&hashes) {
+            body.push(format!("-A {chain} {} {rule}", comment(hash)));
+        }
+        changed.push(format!("chain {tname}/{chain}"));
+    }
+
+    let wanted: BTreeMap<String, &Hook> = hooks.iter().map(|h| (hook_hash(h), *h)).collect();
+    let mut present: BTreeSet<String> = BTreeSet::new();
+    let mut hook_deletes = Vec::new();
+    for (chain, rules) in &actual.chains {
+        if is_ours(chain) {
+            continue;
+        }
+        // A hook that must come first is out of place when someone else's rule precedes it
+        // (their DROP/ACCEPT would decide before warren): it is deleted and inserted again.
+        let mut foreign_before = false;
+        for r in rules {
+            let Some(hash) = &r.hash else {
+                foreign_before = true;
+                continue;
+            };
+            let misplaced = foreign_before && wanted.get(hash).is_some_and(|h| h.first);
+            let keep = if misplaced {
+                false
+            } else if wanted.contains_key(hash) {
+                // A second copy of a hook is ours and redundant.
+                present.insert(hash.clone())
+            } else {
+                !sweep
+            };
+            if !keep {
+                hook_deletes.push(format!("-D {chain} {}", r.spec));
+                if !misplaced {
+                    changed.push(format!("hook {tname}/{chain} removed"));
+                }
+            }
+        }
+    }
+    let mut hook_inserts = Vec::new();
+    for (hash, hook) in &wanted {
+        if present.contains(hash) {
+            continue;
+        }
+        let line = if hook.first {
+            format!("-I {} 1 {} {}", hook.chain, comment(hash), hook.rule)
+        } else {
+            format!("-A {} {} {}", hook.chain, comment(hash), hook.rule)
+        };
+        hook_inserts.push(line);
+        changed.push(format!("hook {tname}/{} {}", hook.chain, hook.rule));
+    }
+
+    let mut stale = Vec::new();
+    if sweep {
+        for chain in actual.chains.keys() {
+            if is_ours(chain) && !desired.contains_key(chain) {
+                stale.push(chain.clone());
+                changed.push(format!("chain {tname}/{chain} removed"));
+            }
+        }
+    }
+
+    if changed.is_empty() {
+        return TablePlan::default();
+    }
+    let mut out = format!("*{tname}\n");
+    for l in decls.iter().chain(&body).chain(&hook_deletes).chain(&hook_inserts) {
+        out.push_str(l);
+        out.push('\n');
+    }
+    // Stale chains may jump to each other: empty them all before deleting any.
+    for c in &stale {
+        out.push_str(&format!("-F {c}\n"));
+    }
+    for c in &stale {
+        out.push_str(&format!("-X {c}\n"));
+    }
+    out.push_str("COMMIT\n");
+    TablePlan { restore: out, changed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(chain: &str, rule: &str) -> Hook {
+        Hook {
+            table: Table::Filter,
+            chain: chain.into(),
+            rule: rule.into(),
+            first: true,
+        }
+    }
+
+    fn desired() -> BTreeMap<String, Vec<String>> {
+        let mut d = BTreeMap::new();
+        d.insert(
+            "WARREN-INPUT".to_string(),
+            vec!["-p 4 -j DROP".to_string(), "-j RETURN".to_string()],
+        );
+        d
+    }
+
+    fn saved_from(plan: &TablePlan, base: &str) -> SavedTable {
+        // Emulates the kernel for a from-scratch plan: the save shows what the restore wrote.
+        let mut t = parse_save(base);
+        for l in plan.restore.lines() {
+            let saved = |spec: &str| parse_save(&format!("-A X {}", spec.replace('"', ""))).chains["X"][0].clone();
+            if let Some(decl) = l.strip_prefix(':') {
+                t.chains
+                    .insert(decl.split_whitespace().next().unwrap().to_string(), Vec::new());
+            } else if let Some(rest) = l.strip_prefix("-I ") {
+                let (chain, rest) = rest.split_once(' ').unwrap();
+                let spec = rest.strip_prefix("1 ").unwrap();
+                t.chains.entry(chain.to_string()).or_default().insert(0, saved(spec));
+            } else if let Some(rest) = l.strip_prefix("-A ") {
+                let (chain, spec) = rest.split_once(' ').unwrap();
+                t.chains.entry(chain.to_string()).or_default().push(saved(spec));
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn should_write_everything_into_an_empty_table_then_nothing() {
+        let h = hook("INPUT", "-j WARREN-INPUT");
+        let base = ":INPUT ACCEPT [0:0]\n-A INPUT -s 1.2.3.4/32 -j ACCEPT\n";
+        let plan = plan_table(Table::Filter, &desired(), &[&h], &parse_save(base), false);
+        assert!(
+            plan.restore.starts_with("*filter\n:WARREN-INPUT - [0:0]\n"),
+            "{}",
+            plan.restore
+        );
+        assert!(plan.restore.contains("-I INPUT 1 -m comment --comment \"warren:"));
+        assert!(plan.restore.ends_with("COMMIT\n"));
+        let after = saved_from(&plan, base);
+        let again = plan_table(Table::Filter, &desired(), &[&h], &after, true);
+        assert_eq!(again, TablePlan::default(), "second apply must be a no-op");
+    }
+
+    #[test]
+    fn should_rewrite_only_a_chain_whose_rules_differ() {
+        let h = hook("INPUT", "-j WARREN-INPUT");
+        let plan = plan_table(Table::Filter, &desired(), &[&h], &SavedTable::default(), false);
+        let mut after = saved_from(&plan, ":INPUT ACCEPT [0:0]\n");
+        after.chains.get_mut("WARREN-INPUT").unwrap().clear(); // someone ran iptables -F
+        let repair = plan_table(Table::Filter, &desired(), &[&h], &after, false);
+        assert_eq!(repair.changed, vec!["chain filter/WARREN-INPUT".to_string()]);
+        assert!(!repair.restore.contains("INPUT 1"), "hook must not be inserted twice");
+    }
+
+    #[test]
+    fn should_sweep_stale_chains_and_hooks_only_when_allowed() {
+        let text = ":INPUT ACCEPT [0:0]\n:WARREN-OLD - [0:0]\n:FOREIGN - [0:0]\n\
+                    -A INPUT -m comment --comment warren:deadbeef -j WARREN-OLD\n\
+                    -A INPUT -m comment --comment other -j FOREIGN\n-A WARREN-OLD -j ACCEPT\n";
+        let actual = parse_save(text);
+        let none = BTreeMap::new();
+        assert_eq!(
+            plan_table(Table::Filter, &none, &[], &actual, false),
+            TablePlan::default()
+        );
+        let plan = plan_table(Table::Filter, &none, &[], &actual, true);
+        assert_eq!(
+            plan.restore,
+            "*filter\n-D INPUT -m comment --comment warren:deadbeef -j WARREN-OLD\n-F WARREN-OLD\n-X WARREN-OLD\nCOMMIT\n"
+        );
+        assert!(!plan.restore.contains("FOREIGN"));
+    }
+
+    #[test]
+    fn should_remove_duplicate_hooks() {
+        let h = hook("FORWARD", "-j WARREN-FORWARD");
+        let hash = hook_hash(&h);
+        let text = format!(
+            ":FORWARD ACCEPT [0:0]\n-A FORWARD -m comment --comment warren:{hash} -j WARREN-FORWARD\n\
+             -A FORWARD -m comment --comment \"warren:{hash}\" -j WARREN-FORWARD\n"
+        );
+        let plan = plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false);
+        assert_eq!(plan.restore.matches("-D FORWARD").count(), 1, "{}", plan.restore);
+        assert!(!plan.restore.contains("-I FORWARD"));
+    }
+
+    #[test]
+    fn should_move_a_first_hook_back_above_a_foreign_rule() {
+        let h = hook("INPUT", "-j WARREN-INPUT");
+        let hash = hook_hash(&h);
+        let text = format!(
+            ":INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.1/32 -j DROP\n\
+             -A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n"
+        );
+        let plan = plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false);
+        let lines: Vec<&str> = plan.restore.lines().collect();
+        assert!(
+            lines[1].starts_with("-D INPUT -m comment --comment warren:"),
+            "{}",
+            plan.restore
+        );
+        assert!(lines[2].starts_with("-I INPUT 1 "), "{}", plan.restore);
+        assert_eq!(plan.changed, vec!["hook filter/INPUT -j WARREN-INPUT".to_string()]);
+        // In place (ours first, foreign after) is left alone.
+        let text = format!(
+            ":INPUT ACCEPT [0:0]\n-A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n\
+             -A INPUT -s 10.0.0.1/32 -j DROP\n"
+        );
+        assert_eq!(
+            plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false),
+            TablePlan::default()
+        );
+    }
+
+    #[test]
+    fn should_chain_hashes_so_order_matters() {
+        let a = rule_hashes("WARREN-X", &["-j A".into(), "-j B".into()]);
+        let b = rule_hashes("WARREN-X", &["-j B".into(), "-j A".into()]);
+        let c = rule_hashes("WARREN-Y", &["-j A".into(), "-j B".into()]);
+        assert_ne!(a, b);
+        assert_ne!(a[0], c[0]);
+        assert_eq!(a.len(), 2);
+    }
+}
