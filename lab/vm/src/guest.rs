@@ -72,9 +72,10 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts $R/dev/pts || die "devpts"
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=0755 tmpfs $R/run || die "run"
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "tmp"
-# Taken from /host (not $R) and mounted after the fresh /tmp and /run, so that a cache or shared dir living under
-# /tmp is not hidden by them.
+# /tmp stays the host's (read-only underneath, writable through the overlay): a checkout or build under /tmp
+# must be visible at the same path, since the guest runs the host's binaries by their paths.
+# Taken from /host (not $R) and mounted after the fresh /run, so that a cache or shared dir living under
+# /run is not hidden by it.
 mkdir -p "$R/lib/modules/$VM_KVER"
 mount -o bind "/host$VM_MODULES_DIR" "$R/lib/modules/$VM_KVER" || die "cannot bind the kernel modules"
 mkdir -p "$R$VM_SHARED_DIR"
