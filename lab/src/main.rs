@@ -340,11 +340,9 @@ async fn run(cli: Cli) -> Result<i32> {
             mode,
             kubeconfig,
         } => {
-            if mode != "iptables" {
-                bail!("kube-proxy mode {mode:?} is not emulated yet");
-            }
+            let mode: lab::kubeproxy::Mode = mode.parse().map_err(anyhow::Error::msg)?;
             let client = lab::controller::client_from(&kubeconfig).await?;
-            lab::kubeproxy::controller::run_proxy(client, node, vec![node_ip], cluster_cidr).await?;
+            lab::kubeproxy::controller::run_proxy_mode(client, mode, node, vec![node_ip], cluster_cidr).await?;
             Ok(0)
         }
         Cmd::InNode { .. } | Cmd::Serve { .. } => Ok(0),

@@ -246,9 +246,6 @@ pub async fn run_proxy_mode(
     node_ips: Vec<IpAddr>,
     cluster_cidr: Option<IpNet>,
 ) -> anyhow::Result<()> {
-    if mode != Mode::Iptables {
-        anyhow::bail!("proxy mode {mode:?} is not implemented yet");
-    }
     let notify = Arc::new(Notify::new());
     let services = reflect(
         Api::<Service>::all(client.clone()),
@@ -275,7 +272,7 @@ pub async fn run_proxy_mode(
             .await
             .context("detecting host options")?
     };
-    tracing::info!(node = %node_name, iptables = %ipt.bin, ?options, "kube-proxy in sync; programming");
+    tracing::info!(node = %node_name, ?mode, iptables = %ipt.bin, ?options, "kube-proxy in sync; programming");
     let mut last: Option<ProxyInput> = None;
     let mut last_sync = tokio::time::Instant::now();
     loop {

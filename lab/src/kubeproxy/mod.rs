@@ -8,13 +8,16 @@
 //!   endpoints, `categorize_endpoints`), built from Services + EndpointSlices, pure.
 //! - [`render`]: iptables mode — the model rendered as `iptables-restore` text, pure.
 //! - [`apply`]: writes a render into the current network namespace.
+//! - [`ipvs`]: IPVS mode — kube-ipvs0, virtual servers, kube-proxy's ipsets and its smaller
+//!   iptables ruleset, rendered from the same model ([`ipvs::apply`] writes them).
 //! - [`controller`]: the two long-running loops (endpoints controller, per-node proxy).
 //!
-//! A proxy [`Mode`] picks the renderer; IPVS mode will consume the same [`model::ProxyInput`].
+//! A proxy [`Mode`] picks the renderer; both consume the same [`model::ProxyInput`].
 
 pub mod apply;
 pub mod controller;
 pub mod endpoints;
+pub mod ipvs;
 pub mod model;
 pub mod render;
 
@@ -27,10 +30,7 @@ pub use render::render_iptables;
 pub enum Mode {
     #[default]
     Iptables,
-    /// Not implemented yet: needs the micro-VM's kernel (ip_vs). It will take the same
-    /// [`model::ProxyInput`] (`node_ips` for the NodePort virtual servers, `categorize_endpoints`
-    /// for real servers) and render the dummy `kube-ipvs0` addresses, the virtual servers,
-    /// kube-proxy's ipsets and its smaller iptables ruleset.
+    /// Needs a kernel with ip_vs (the lab's micro-VM): see [`ipvs`].
     Ipvs,
 }
 
@@ -50,14 +50,17 @@ impl std::str::FromStr for Mode {
 pub enum SyncError {
     #[error(transparent)]
     Apply(#[from] apply::ApplyError),
-    #[error("proxy mode {0:?} is not implemented yet")]
-    Unsupported(Mode),
+    #[error(transparent)]
+    Ipvs(#[from] ipvs::apply::IpvsError),
 }
 
 /// Programs the current network namespace for `input` in `mode`.
 pub fn sync(mode: Mode, ipt: &apply::Iptables, input: &ProxyInput) -> Result<(), SyncError> {
     match mode {
         Mode::Iptables => Ok(apply::apply(ipt, input)?),
-        Mode::Ipvs => Err(SyncError::Unsupported(mode)),
+        Mode::Ipvs => {
+            ipvs::apply::sync(ipt, input, &ipvs::IpvsOptions::default())?;
+            Ok(())
+        }
     }
 }
