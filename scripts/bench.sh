@@ -25,4 +25,11 @@ echo "== bench-cni: warren vs ptp + host-local"
 echo "== soak-cni: ADD/DEL with kill -9, then GC"
 "$target/release/soak-cni" --cycles "${SOAK_CYCLES:-10000}" --out "$root/target/bench/soak-cni.json"
 
+echo "== overlay: node event → route, 5 000 peer routes from cold, resync CPU, RSS (warren-node)"
+"$cargo" build --release -p node-daemon --bins --examples
+"$target/release/examples/overlay_bench" "$target/release/warren-node" | tee "$root/target/bench/overlay.txt"
+
+echo "== policy compiler at 1 000 / 10 000 pods and 200 / 1 000 policies"
+"$cargo" run --release -q -p policy --example scale | tee "$root/target/bench/policy-scale.txt"
+
 echo "== reports in $root/target/bench/"

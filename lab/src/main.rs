@@ -91,6 +91,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Restart a node component (warren-node, kube-proxy), as a DaemonSet rollout would.
+    Restart {
+        /// node:NAME
+        node: String,
+        component: String,
+        /// How long the component stays down.
+        #[arg(long, default_value_t = 0)]
+        down_ms: u64,
+        /// Replace the component's extra flags (kept for later restarts), e.g. --arg=--nodeport-policy=plain
+        #[arg(long = "arg", allow_hyphen_values = true)]
+        args: Option<Vec<String>>,
+    },
     /// Stop the lab and remove everything it made.
     Down,
     #[command(name = "__controller", hide = true)]
@@ -321,6 +333,22 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 print_matrix(&v);
             }
+            Ok(0)
+        }
+        Cmd::Restart {
+            node,
+            component,
+            down_ms,
+            args,
+        } => {
+            let node = node.strip_prefix("node:").unwrap_or(&node).to_string();
+            let req = Request::Restart {
+                node,
+                component,
+                down_ms,
+                extra_args: args,
+            };
+            ctl(&sd, req, Duration::from_secs(120)).await?;
             Ok(0)
         }
         Cmd::Down => {
