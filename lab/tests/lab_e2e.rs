@@ -115,7 +115,7 @@ fn should_run_a_three_node_cluster_with_warren() {
     };
 
     // up: returns when nodes are Ready, and says how long it took.
-    let up = lab.ok(&["up", "--no-warren-node"]);
+    let up = lab.ok(&["up"]);
     assert!(up.contains("3 nodes Ready"), "{up}");
     let nodes = lab.json(&["kubectl", "--", "get", "nodes", "-o", "json"]);
     let names: Vec<&str> = nodes["items"]
@@ -170,6 +170,127 @@ fn should_run_a_three_node_cluster_with_warren() {
     assert_eq!(closed.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&closed.stdout).trim(), "blocked");
 
+    // Across nodes through real tunl0: every pod reaches every other pod.
+    let m = lab.json(&["matrix", "--namespaces", "alpha,beta", "--port", "8080", "--json"]);
+    let cells = m["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 36);
+    let blocked: Vec<&Value> = cells.iter().filter(|c| c["connected"] != true).collect();
+    assert!(blocked.is_empty(), "blocked pairs: {blocked:?}");
+    // The seed's routing table shape, and tunl0 carrying the cross-node packets.
+    let routes = lab.ok(&["exec", "node:node2", "--", "ip", "route"]);
+    for (block, via) in [
+        ("10.233.90.0/24", "10.102.123.117"),
+        ("10.233.92.0/24", "10.102.123.143"),
+    ] {
+        let want = format!("{block} via {via} dev tunl0 proto 88 onlink");
+        assert!(
+            routes.lines().any(|l| l.trim() == want),
+            "missing `{want}` in:\n{routes}"
+        );
+    }
+    let tunl = lab.ok(&["exec", "node:node2", "--", "ip", "-o", "addr", "show", "dev", "tunl0"]);
+    assert!(tunl.contains("inet 10.233.96.0/32"), "{tunl}");
+    let rx = |lab: &Lab| -> u64 {
+        lab.ok(&[
+            "exec",
+            "node:node2",
+            "--",
+            "cat",
+            "/sys/class/net/tunl0/statistics/rx_packets",
+        ])
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let before = rx(&lab);
+    assert_eq!(lab.probe("alpha/a1", "alpha/a2", "8080")["connected"], true);
+    assert!(rx(&lab) > before, "the cross-node probe did not come in through tunl0");
+    // warren-node marks its nodes ready for networking, as Calico does.
+    let n2 = lab.json(&["kubectl", "--", "get", "node", "node2", "-o", "json"]);
+    let cond = n2["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "NetworkUnavailable")
+        .cloned();
+    assert_eq!(cond.map(|c| c["status"].clone()), Some(Value::from("False")));
+
+    // A node added to the API appears in every peer's routes; deleted, it disappears.
+    let node4 = state.join("node4.json");
+    std::fs::write(
+        &node4,
+        r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node4"},"spec":{"podCIDR":"10.233.70.0/24"}}"#,
+    )
+    .unwrap();
+    lab.ok(&["kubectl", "--", "apply", "-f", node4.to_str().unwrap()]);
+    lab.ok(&[
+        "kubectl",
+        "--",
+        "patch",
+        "node",
+        "node4",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.102.123.50"}]}}"#,
+    ]);
+    let wait_route = |present: bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let all = ["node1", "node2", "node3"].iter().all(|n| {
+                let r = lab.ok(&["exec", &format!("node:{n}"), "--", "ip", "route"]);
+                r.contains("10.233.70.0/24 via 10.102.123.50 dev tunl0") == present
+            });
+            if all {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node4's route present={present} not reached on every node"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_route(true);
+    lab.ok(&["kubectl", "--", "delete", "node", "node4"]);
+    wait_route(false);
+
+    // Restarting warren-node while traffic flows between nodes loses no connection attempt.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (exe, st, stop) = (lab.exe.clone(), lab.state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(&exe)
+                    .arg("--state-dir")
+                    .arg(&st)
+                    .args(["probe", "beta/b1", "alpha/a3", "--port", "8080", "--timeout", "2"])
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    lab.ok(&["restart", "node:node1", "warren-node", "--down-ms", "2000"]);
+    lab.ok(&["restart", "node:node3", "warren-node"]);
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().unwrap();
+    assert!(ok > 3, "too few probes ran during the restart: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} probes failed while warren-node restarted",
+        ok + failed
+    );
+
     // NodePort and ClusterIP to a pod on the same node; kube-proxy's SNAT visible with Cluster.
     lab.ok(&["host", "add", "lb", "10.2.3.4"]);
     let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web1","namespace":"alpha"},
@@ -190,10 +311,15 @@ fn should_run_a_three_node_cluster_with_warren() {
     };
     let r = wait_probe("host:lb", "node:node1", "31000");
     assert_eq!(r["reply"], "a1", "{r}");
-    assert_eq!(
-        r["seen_as"], "10.102.123.117",
-        "Cluster: kube-proxy masquerades NodePort traffic: {r}"
+    assert!(
+        r["seen_as"] == "10.102.123.117" || r["seen_as"] == "10.233.90.0",
+        "Cluster: kube-proxy masquerades NodePort traffic to one of node1's addresses: {r}"
     );
+    // Through another node the packet crosses the tunnel and arrives from that node's tunl0 address:
+    // the seed's puzzle in one probe.
+    let r = wait_probe("host:lb", "node:node2", "31000");
+    assert_eq!(r["reply"], "a1", "{r}");
+    assert_eq!(r["seen_as"], "10.233.96.0", "SNAT to node2's tunl0 address: {r}");
     let cluster_ip = lab.ok(&[
         "kubectl",
         "--",
