@@ -10,6 +10,7 @@ pub mod launcher;
 pub mod netns;
 pub mod nodectx;
 pub mod podserve;
+pub mod scenario;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -103,6 +103,30 @@ enum Cmd {
         #[arg(long = "arg", allow_hyphen_values = true)]
         args: Option<Vec<String>>,
     },
+    /// Run a scenario (`tekton`: seed 000) and print expected vs observed; exit 1 on any mismatch.
+    Scenario {
+        name: String,
+        /// kube-proxy mode for a lab the scenario brings up (must match a running lab's).
+        #[arg(long)]
+        proxy_mode: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        vm: VmMode,
+        /// Read the scenario's files from this directory instead of the built-in copy.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Only these experiments (e.g. exp1,exp4).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Leave a lab the scenario brought up running.
+        #[arg(long)]
+        keep: bool,
+        /// Every cell's reason and the source address the dashboard saw.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the lab and remove everything it made.
     Down,
     #[command(name = "__controller", hide = true)]
@@ -350,6 +374,37 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             ctl(&sd, req, Duration::from_secs(120)).await?;
             Ok(0)
+        }
+        Cmd::Scenario {
+            name,
+            proxy_mode,
+            vm,
+            data_dir,
+            only,
+            keep,
+            verbose,
+            json,
+        } => {
+            if name != "tekton" {
+                bail!("unknown scenario {name:?} (known: tekton)");
+            }
+            let opts = lab::scenario::ScenarioOptions {
+                data_dir,
+                only,
+                vm,
+                keep_lab: keep,
+                verbose,
+                ..Default::default()
+            };
+            let r = lab::scenario::run_tekton(&sd, proxy_mode.as_deref(), &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if verbose {
+                print!("{}", lab::scenario::render_report(&r, true));
+            } else {
+                lab::scenario::print_report(&r);
+            }
+            Ok(if r.mismatches == 0 { 0 } else { 1 })
         }
         Cmd::Down => {
             launcher::down(&sd).await?;

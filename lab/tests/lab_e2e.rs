@@ -1,6 +1,7 @@
 //! End to end: one lab for the whole file (booting it is the slow part), driven through the
 //! `warren-lab` CLI exactly as a user drives it. Runs as root; on this kernel the lab runs in the
 //! micro-VM. The lab is taken down at the end even when a check fails.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
