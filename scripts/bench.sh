@@ -32,4 +32,7 @@ echo "== overlay: node event → route, 5 000 peer routes from cold, resync CPU,
 echo "== policy compiler at 1 000 / 10 000 pods and 200 / 1 000 policies"
 "$cargo" run --release -q -p policy --example scale | tee "$root/target/bench/policy-scale.txt"
 
+echo "== lab: up to Ready, pod create to Running"
+"$root/scripts/bench-lab.sh"
+
 echo "== reports in $root/target/bench/"

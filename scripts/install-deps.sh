@@ -4,7 +4,8 @@
 set -euo pipefail
 
 need_pkgs=(iproute2 iptables ipset conntrack containerd runc containernetworking-plugins
-  busybox-static qemu-system-x86 kmod cpio ipvsadm socat jq procps psmisc util-linux)
+  busybox-static qemu-system-x86 kmod cpio ipvsadm socat jq procps psmisc util-linux
+  iputils-ping shellcheck vagrant bc)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

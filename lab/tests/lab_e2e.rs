@@ -206,6 +206,16 @@ fn should_run_a_three_node_cluster_with_warren() {
     let before = rx(&lab);
     assert_eq!(lab.probe("alpha/a1", "alpha/a2", "8080")["connected"], true);
     assert!(rx(&lab) > before, "the cross-node probe did not come in through tunl0");
+    // The pod MTU leaves room for the IPIP header: a don't-fragment ping of MTU - 28 crosses the tunnel.
+    let a2_ip = lab.json(&["kubectl", "--", "get", "pod", "-n", "alpha", "a2", "-o", "json"])["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mtu = lab.ok(&["exec", "alpha/a1", "--", "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "1480", "pod MTU = underlay 1500 - 20");
+    lab.ok(&[
+        "exec", "alpha/a1", "--", "ping", "-c", "1", "-W", "3", "-M", "do", "-s", "1452", &a2_ip,
+    ]);
     // warren-node marks its nodes ready for networking, as Calico does.
     let n2 = lab.json(&["kubectl", "--", "get", "node", "node2", "-o", "json"]);
     let cond = n2["status"]["conditions"]
