@@ -43,6 +43,8 @@ pub enum ConfigError {
     EmptyNodeName,
     #[error("resync interval must be at least 1 second")]
     BadResync,
+    #[error("NodePort policy {0:?} is not one of preserve-source, plain")]
+    BadNodePortPolicy(String),
 }
 
 /// IPIP encapsulation mode, named as Calico names them.
@@ -101,6 +103,38 @@ impl FromStr for IptablesBackend {
     }
 }
 
+/// How NetworkPolicy ipBlocks see NodePort traffic forwarded from another node (issue 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodePortPolicy {
+    /// The receiving node checks the destination pod's ingress policy against the original
+    /// client address. TODO (issue 6): not implemented yet; currently behaves as `Plain`.
+    #[default]
+    PreserveSource,
+    /// Policy sees the source after kube-proxy's SNAT (the forwarding node's address), as in
+    /// Calico.
+    Plain,
+}
+
+impl FromStr for NodePortPolicy {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "preserve-source" => Ok(NodePortPolicy::PreserveSource),
+            "plain" => Ok(NodePortPolicy::Plain),
+            _ => Err(ConfigError::BadNodePortPolicy(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for NodePortPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodePortPolicy::PreserveSource => "preserve-source",
+            NodePortPolicy::Plain => "plain",
+        })
+    }
+}
+
 /// Parses a pool CIDR, refusing host bits so that a typo does not silently become another pool.
 pub fn parse_pool(s: &str) -> Result<Ipv4Net, ConfigError> {
     let net: Ipv4Net = s
@@ -134,6 +168,7 @@ pub struct DaemonConfig {
     pub health_addr: SocketAddr,
     pub resync_interval: Duration,
     pub iptables_backend: IptablesBackend,
+    pub nodeport_policy: NodePortPolicy,
 }
 
 impl DaemonConfig {
@@ -186,7 +221,18 @@ mod tests {
             health_addr: DEFAULT_HEALTH_ADDR.parse().unwrap(),
             resync_interval: Duration::from_secs(10),
             iptables_backend: IptablesBackend::Auto,
+            nodeport_policy: NodePortPolicy::default(),
         }
+    }
+
+    #[test]
+    fn should_parse_nodeport_policy_and_default_to_preserve_source() {
+        assert_eq!(NodePortPolicy::default(), NodePortPolicy::PreserveSource);
+        assert_eq!("plain".parse(), Ok(NodePortPolicy::Plain));
+        assert_eq!("Preserve-Source".parse(), Ok(NodePortPolicy::PreserveSource));
+        let err = "snat".parse::<NodePortPolicy>().unwrap_err();
+        assert!(err.to_string().contains("snat"), "{err}");
+        assert_eq!(NodePortPolicy::Plain.to_string(), "plain");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod netlink;
 pub mod overlay_fw;
+pub mod policy_sync;
 pub mod reconcile;
 pub mod routes;
 pub mod writer;

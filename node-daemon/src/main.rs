@@ -9,19 +9,25 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use conf::daemon::{parse_pool, DaemonConfig, IpipMode, IptablesBackend, IPIP_OVERHEAD};
-use k8s_openapi::api::core::v1::Node;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
+use kube::ResourceExt;
 use node_daemon::block::claim_block;
 use node_daemon::k8s::{self, KubeNodes};
 use node_daemon::metrics::Metrics;
 use node_daemon::netlink::{sync_routes, LinkOps, Netlink};
+use node_daemon::policy_sync::{self, PolicyTracker};
 use node_daemon::reconcile::{LocalNode, Reconciler};
 use node_daemon::writer::{backend, ExecRunner, Writer};
 use node_daemon::{cniconf, health};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
+
+/// Pause after a watch event before compiling, so that a burst of events costs one pass.
+const POLICY_DEBOUNCE: Duration = Duration::from_millis(50);
 
 #[derive(Parser)]
 #[command(name = "warren-node", version, about = "warren's node daemon")]
@@ -74,6 +80,12 @@ struct RunArgs {
     /// auto, legacy or nft.
     #[arg(long, env = "WARREN_IPTABLES_BACKEND", default_value = "auto")]
     iptables_backend: String,
+    /// How NetworkPolicy ipBlocks judge NodePort traffic forwarded from another node:
+    /// `preserve-source` checks the destination pod's ingress policy on the receiving node
+    /// against the original client address; `plain` lets policy see the address after
+    /// kube-proxy's SNAT (the forwarding node's), as Calico does.
+    #[arg(long, env = "WARREN_NODEPORT_POLICY", default_value = "preserve-source")]
+    nodeport_policy: String,
 }
 
 #[derive(Args)]
@@ -118,6 +130,7 @@ impl RunArgs {
             health_addr: self.health_addr,
             resync_interval: Duration::from_secs(self.resync_interval),
             iptables_backend: self.iptables_backend.parse()?,
+            nodeport_policy: self.nodeport_policy.parse()?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -213,13 +226,26 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let changed = Arc::new(Notify::new());
     let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone());
+    let pods = k8s::reflect(Api::<Pod>::all(client.clone()), changed.clone(), metrics.clone());
+    let namespaces = k8s::reflect(Api::<Namespace>::all(client.clone()), changed.clone(), metrics.clone());
+    let policies = k8s::reflect(
+        Api::<NetworkPolicy>::all(client.clone()),
+        changed.clone(),
+        metrics.clone(),
+    );
+    let mut tracker = PolicyTracker::default();
+    tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy mode (preserve-source is not implemented yet: behaves as plain)");
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_set = false;
     loop {
         tokio::select! {
-            _ = changed.notified() => {}
+            _ = changed.notified() => {
+                // Debounce: a burst of watch events (a Deployment scaling, a relist) becomes one
+                // compile; events during the pause leave a permit for one more pass.
+                tokio::time::sleep(POLICY_DEBOUNCE).await;
+            }
             _ = tick.tick() => {}
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: exiting, dataplane left in place");
@@ -235,9 +261,73 @@ async fn run(args: RunArgs) -> Result<()> {
         if !nodes.synced.load(std::sync::atomic::Ordering::Acquire) {
             continue;
         }
+        // Policy is compiled only from complete lists (a partial pod list would leave pods'
+        // interfaces without chains, which drops their traffic); until every reflector has
+        // listed once, the overlay alone is written and nothing is swept, so the rules of the
+        // previous run stay (fail-static).
+        let all_synced = [&pods.synced, &namespaces.synced, &policies.synced]
+            .iter()
+            .all(|s| s.load(std::sync::atomic::Ordering::Acquire));
+        let build = if all_synced {
+            let ns: Vec<Namespace> = namespaces.store.state().iter().map(|o| (**o).clone()).collect();
+            let ps: Vec<Pod> = pods.store.state().iter().map(|o| (**o).clone()).collect();
+            let np: Vec<NetworkPolicy> = policies.store.state().iter().map(|o| (**o).clone()).collect();
+            match policy_sync::build(&ns, &ps, &np, &cfg.node_name, conf::names::HOST_VETH_PREFIX) {
+                Ok(b) => {
+                    for e in tracker.compiled(&b, &metrics) {
+                        tracing::warn!(namespace = %e.policy.namespace, name = %e.policy.name, reason = %e.reason, "NetworkPolicy not enforced");
+                        let uid = np
+                            .iter()
+                            .find(|p| {
+                                p.namespace().as_deref() == Some(&e.policy.namespace) && p.name_any() == e.policy.name
+                            })
+                            .and_then(|p| p.uid());
+                        let ev = policy_sync::policy_event(&e, uid.as_deref(), &cfg.node_name);
+                        let events: Api<Event> = Api::namespaced(client.clone(), &e.policy.namespace);
+                        if let Err(err) = events.create(&PostParams::default(), &ev).await {
+                            Metrics::inc(&metrics.api_errors);
+                            tracing::warn!(error = %err, "could not post the Event for the skipped policy");
+                        }
+                    }
+                    Some(b)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy compile failed; keeping the current policy rules");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let sweep = build.is_some();
         let infos: Vec<_> = nodes.store.state().iter().map(|n| k8s::to_info(n)).collect();
-        match rec.reconcile(&infos, None, true).await {
+        let start = std::time::Instant::now();
+        match rec
+            .reconcile(&infos, build.as_ref().map(|b| b.dataplane.clone()), sweep)
+            .await
+        {
             Ok(o) => {
+                if let Some(b) = &build {
+                    let apply = start.elapsed();
+                    metrics.policy_apply_micros_last.store(
+                        u64::try_from(apply.as_micros()).unwrap_or(u64::MAX),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    for (ns, pod, secs) in tracker.applied(b, &metrics) {
+                        tracing::info!(namespace = %ns, pod = %pod, since_created_s = secs, "pod programmed");
+                    }
+                    if !o.dataplane_changed.is_empty() {
+                        tracing::info!(
+                            compile_ms = b.compile_time.as_secs_f64() * 1e3,
+                            apply_ms = apply.as_secs_f64() * 1e3,
+                            rules = b.stats.rules,
+                            ipsets = b.stats.ipsets,
+                            workloads = b.stats.local_workloads,
+                            skipped_policies = b.errors.len(),
+                            "policy programmed"
+                        );
+                    }
+                }
                 if o.routes_changed > 0 || !o.dataplane_changed.is_empty() {
                     tracing::info!(routes = o.routes, routes_changed = o.routes_changed, dataplane = ?o.dataplane_changed, "synced");
                 }

@@ -16,6 +16,20 @@ pub struct Metrics {
     pub drift_repairs: AtomicU64,
     pub api_errors: AtomicU64,
     pub ready: AtomicBool,
+    pub policy_compiles: AtomicU64,
+    pub policy_compile_micros_last: AtomicU64,
+    pub policy_compile_micros_total: AtomicU64,
+    pub policy_apply_micros_last: AtomicU64,
+    pub policy_errors: AtomicU64,
+    pub policy_rules: AtomicU64,
+    pub policy_chains: AtomicU64,
+    pub policy_ipsets: AtomicU64,
+    pub policy_ipset_members: AtomicU64,
+    pub policy_local_workloads: AtomicU64,
+    pub pod_programmed: AtomicU64,
+    pub pod_programmed_micros_total: AtomicU64,
+    pub pod_programmed_micros_last: AtomicU64,
+    pub pod_seen_to_programmed_micros_last: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +109,88 @@ impl Metrics {
             "gauge",
             "1 once the first route sync is done.",
             u8::from(self.ready.load(Ordering::Relaxed)).to_string(),
+        );
+        let gauges: [(&str, &str, &AtomicU64); 7] = [
+            (
+                "warren_policy_errors",
+                "NetworkPolicies currently skipped because warren cannot enforce them.",
+                &self.policy_errors,
+            ),
+            (
+                "warren_policy_rules",
+                "iptables rules in the policy dataplane.",
+                &self.policy_rules,
+            ),
+            (
+                "warren_policy_chains",
+                "iptables chains in the policy dataplane.",
+                &self.policy_chains,
+            ),
+            (
+                "warren_policy_ipsets",
+                "ipsets in the policy dataplane.",
+                &self.policy_ipsets,
+            ),
+            (
+                "warren_policy_ipset_members",
+                "Members of all policy ipsets.",
+                &self.policy_ipset_members,
+            ),
+            (
+                "warren_policy_local_workloads",
+                "Local pods with workload chains.",
+                &self.policy_local_workloads,
+            ),
+            (
+                "warren_pod_programmed",
+                "Local pods programmed so far (count for warren_pod_programmed_seconds_total).",
+                &self.pod_programmed,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            metric(name, "gauge", help, g(v).to_string());
+        }
+        metric(
+            "warren_policy_compiles_total",
+            "counter",
+            "Policy compiles done.",
+            g(&self.policy_compiles).to_string(),
+        );
+        metric(
+            "warren_policy_compile_seconds_total",
+            "counter",
+            "Time spent converting and compiling policy.",
+            secs(&self.policy_compile_micros_total).to_string(),
+        );
+        metric(
+            "warren_policy_compile_last_seconds",
+            "gauge",
+            "Duration of the last policy compile.",
+            secs(&self.policy_compile_micros_last).to_string(),
+        );
+        metric(
+            "warren_policy_apply_last_seconds",
+            "gauge",
+            "Duration of the last reconcile that carried policy (compile not included).",
+            secs(&self.policy_apply_micros_last).to_string(),
+        );
+        metric(
+            "warren_pod_programmed_seconds_total",
+            "counter",
+            "Sum over local pods of the time from the pod's creationTimestamp to its chains being programmed.",
+            secs(&self.pod_programmed_micros_total).to_string(),
+        );
+        metric(
+            "warren_pod_programmed_last_seconds",
+            "gauge",
+            "creationTimestamp to programmed, for the last pod programmed.",
+            secs(&self.pod_programmed_micros_last).to_string(),
+        );
+        metric(
+            "warren_pod_seen_to_programmed_last_seconds",
+            "gauge",
+            "From this daemon seeing the pod with its IP to its chains being programmed, last pod.",
+            secs(&self.pod_seen_to_programmed_micros_last).to_string(),
         );
         s
     }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use conf::daemon::IpipMode;
-use conf::dataplane::DesiredDataplane;
+use conf::dataplane::{DesiredDataplane, Table};
 use conf::names::TUNNEL_IFACE;
 use ipnet::Ipv4Net;
 
 use crate::metrics::Metrics;
 use crate::netlink::{sync_routes, KernelRoute, LinkOps, NetError, RouteOps};
-use crate::overlay_fw::{overlay_dataplane, OverlayFw};
+use crate::overlay_fw::{overlay_dataplane, OverlayFw, INPUT_CHAIN};
 use crate::routes::{desired_routes, NodeInfo};
 use crate::writer::{CommandRunner, Writer, WriterError};
 
@@ -101,7 +101,14 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             mode: l.mode,
         };
         let mut dp = overlay_dataplane(&fw);
-        if let Some(extra) = extra {
+        if let Some(mut extra) = extra {
+            // Both parts own a piece of WARREN-INPUT: the workload checks (spoofed sources, IPIP
+            // from pods) go first, then the overlay's IPIP-only-from-nodes rules.
+            let key = (Table::Filter, INPUT_CHAIN.to_string());
+            if let Some(mut theirs) = extra.chains.remove(&key) {
+                theirs.extend(dp.chains.remove(&key).unwrap_or_default());
+                dp.chains.insert(key, theirs);
+            }
             dp.merge(extra).map_err(ReconcileError::Merge)?;
         }
         let start = Instant::now();
