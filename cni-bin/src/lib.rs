@@ -150,6 +150,35 @@ pub fn init_logging(stdin: &[u8]) {
     };
 }
 
+/// The whole life of a plugin process, shared by `warren` and `warren-ipam`: stdin and the CNI
+/// environment in, exactly one JSON document on stdout, the exit code out.
+pub fn process_main(plugin: Plugin) -> std::process::ExitCode {
+    use std::io::{Read, Write};
+    let mut stdin = Vec::new();
+    // A runtime that gives no stdin (VERSION) gives an empty one; a read error is a decode error below.
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    init_logging(&stdin);
+    let env: HashMap<String, String> = std::env::vars().collect();
+    #[cfg(feature = "fault-injection")]
+    let reply = match faults::from_env(&env) {
+        Some(f) => handle(plugin, &env, &stdin, &f),
+        None => handle(plugin, &env, &stdin, &NoFaults),
+    };
+    #[cfg(not(feature = "fault-injection"))]
+    let reply = handle(plugin, &env, &stdin, &NoFaults);
+    if let Some(v) = &reply.stdout {
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, v);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    }
+    if reply.success {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
