@@ -170,6 +170,12 @@ pub async fn up(opts: UpOptions) -> Result<()> {
         {
             break;
         }
+        if in_vm && matches!(lab_vm::Vm::attach(&opts.state_dir), Ok(None)) {
+            bail!(
+                "the micro-VM stopped before the lab controller came up (see {})",
+                log_hint(&opts.state_dir, in_vm)
+            );
+        }
         if Instant::now() > deadline {
             bail!(
                 "the lab controller did not come up (see {})",
