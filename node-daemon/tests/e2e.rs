@@ -237,15 +237,17 @@ async fn inner() {
     })
     .await;
 
-    // Drift: someone flushes our chain; back within the resync period, counted.
-    sh(&["iptables-nft", "-F", "WARREN-INPUT"]);
-    eventually("WARREN-INPUT restored", || {
+    // Drift: someone flushes our chain; back within the resync period, counted. (The chain holds
+    // the overlay's IPIP rules and the policy's host-input rules; all of them must come back.)
+    let input_rules = || {
         sh(&["iptables-nft-save", "-t", "filter"])
             .matches("-A WARREN-INPUT")
             .count()
-            == 2
-    })
-    .await;
+    };
+    let before_flush = input_rules();
+    assert!(before_flush >= 2, "WARREN-INPUT has the IPIP rules before the flush");
+    sh(&["iptables-nft", "-F", "WARREN-INPUT"]);
+    eventually("WARREN-INPUT restored", || input_rules() == before_flush).await;
     let metrics = http_get(health, "/metrics").await.unwrap();
     assert!(!metrics.contains("warren_drift_repairs_total 0\n"), "{metrics}");
     assert!(metrics.contains("warren_routes 1\n"), "{metrics}");
