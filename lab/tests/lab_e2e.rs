@@ -160,6 +160,24 @@ fn should_run_a_three_node_cluster_with_warren() {
     let conf = lab.ok(&["exec", "node:node2", "--", "cat", "/etc/cni/net.d/10-warren.conflist"]);
     assert!(conf.contains("10.233.96.0/24"), "node2's own conflist: {conf}");
 
+    // Across nodes through real tunl0: every pod reaches every other pod. warren-node fails closed
+    // for a new pod until its chains are programmed (seconds in the emulated VM), so wait for that.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = lab.json(&["matrix", "--namespaces", "alpha,beta", "--port", "8080", "--json"]);
+        let cells = m["cells"].as_array().unwrap().clone();
+        assert_eq!(cells.len(), 36);
+        let blocked: Vec<&Value> = cells.iter().filter(|c| c["connected"] != true).collect();
+        if blocked.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocked pairs a minute after the pods ran: {blocked:?}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     // Same-node pod to pod, TCP and UDP; each answer names the pod reached.
     let r = lab.probe("beta/b1", "alpha/a1", "8080");
     assert_eq!(r["connected"], true, "{r}");
@@ -171,12 +189,6 @@ fn should_run_a_three_node_cluster_with_warren() {
     assert_eq!(closed.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&closed.stdout).trim(), "blocked");
 
-    // Across nodes through real tunl0: every pod reaches every other pod.
-    let m = lab.json(&["matrix", "--namespaces", "alpha,beta", "--port", "8080", "--json"]);
-    let cells = m["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 36);
-    let blocked: Vec<&Value> = cells.iter().filter(|c| c["connected"] != true).collect();
-    assert!(blocked.is_empty(), "blocked pairs: {blocked:?}");
     // The seed's routing table shape, and tunl0 carrying the cross-node packets.
     let routes = lab.ok(&["exec", "node:node2", "--", "ip", "route"]);
     for (block, via) in [
