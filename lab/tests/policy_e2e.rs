@@ -3,50 +3,14 @@
 //! through the `warren-lab` CLI; taken down at the end even when a check fails. Runs as root.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn bin_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("WARREN_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release")
-}
-
-struct Lab {
-    exe: PathBuf,
-    state: PathBuf,
-}
+mod common;
+use common::{bin_dir, Lab};
 
 impl Lab {
-    fn cmd(&self, args: &[&str]) -> Output {
-        let out = Command::new(&self.exe)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(args)
-            .output()
-            .expect("running warren-lab");
-        eprintln!(
-            "$ warren-lab {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args);
-        assert!(out.status.success(), "warren-lab {} failed", args.join(" "));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("JSON output")
-    }
-
     fn probe(&self, from: &str, to: &str, port: &str, proto: &str) -> bool {
         let out = self.cmd(&[
             "probe",
@@ -108,16 +72,6 @@ impl Lab {
             assert!(Instant::now() < deadline, "only {running} of {n} pods Running");
             std::thread::sleep(Duration::from_millis(500));
         }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.exe)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("down")
-            .status();
     }
 }
 
