@@ -106,8 +106,9 @@ impl FromStr for IptablesBackend {
 /// How NetworkPolicy ipBlocks see NodePort traffic forwarded from another node (issue 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NodePortPolicy {
-    /// The receiving node checks the destination pod's ingress policy against the original
-    /// client address. TODO (issue 6): not implemented yet; currently behaves as `Plain`.
+    /// The node that receives service traffic for a pod on another node checks that pod's
+    /// ingress policy itself, against the client's own address, and sends what it allowed
+    /// through the tunnel with its NodePort source, which the peers trust (issue 6).
     #[default]
     PreserveSource,
     /// Policy sees the source after kube-proxy's SNAT (the forwarding node's address), as in

@@ -29,6 +29,19 @@ pub const NETWORK_NAME: &str = "k8s-pod-network";
 /// Conflist path on every node.
 pub const CONFLIST_PATH: &str = "/etc/cni/net.d/10-warren.conflist";
 
+/// The node's NodePort source (issue 6): the block's second address, kept out of IPAM. Service
+/// traffic a node checked itself leaves through the tunnel with it, and peers trust it as
+/// checked. (The first address is tunl0's.) `None` for blocks too small to spare it.
+pub fn nodeport_source(block: ipnet::Ipv4Net) -> Option<std::net::Ipv4Addr> {
+    (block.prefix_len() <= 29).then(|| std::net::Ipv4Addr::from(u32::from(block.network()) + 1))
+}
+
+/// The first address IPAM may hand to a pod: after tunl0's and the NodePort source.
+pub fn first_pod_address(block: ipnet::Ipv4Net) -> std::net::Ipv4Addr {
+    let skip = if nodeport_source(block).is_some() { 2 } else { 1 };
+    std::net::Ipv4Addr::from(u32::from(block.network()) + skip)
+}
+
 /// Errors of the naming rules.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -94,6 +107,22 @@ pub fn validate_ifname(name: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_keep_the_blocks_first_two_addresses_for_the_node() {
+        let b: ipnet::Ipv4Net = "10.233.90.0/24".parse().unwrap();
+        assert_eq!(nodeport_source(b), Some("10.233.90.1".parse().unwrap()));
+        assert_eq!(
+            first_pod_address(b),
+            "10.233.90.2".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        let tiny: ipnet::Ipv4Net = "10.0.0.0/30".parse().unwrap();
+        assert_eq!(nodeport_source(tiny), None);
+        assert_eq!(
+            first_pod_address(tiny),
+            "10.0.0.1".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+    }
 
     #[test]
     fn should_match_the_seed_veth_names() {

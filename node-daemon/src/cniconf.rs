@@ -36,7 +36,14 @@ pub fn render_conflist(block: Ipv4Net, mtu: u32) -> String {
             {
                 "type": "warren",
                 "mtu": mtu,
-                "ipam": { "type": "warren-ipam", "ranges": [[{ "subnet": block.to_string() }]] },
+                "ipam": {
+                    "type": "warren-ipam",
+                    // The block's first addresses are the node's: tunl0's and its NodePort source.
+                    "ranges": [[{
+                        "subnet": block.to_string(),
+                        "rangeStart": conf::names::first_pod_address(block).to_string()
+                    }]]
+                },
                 "capabilities": { "ips": true }
             },
             {
@@ -108,6 +115,10 @@ mod tests {
         assert_eq!(p["mtu"], 1480);
         assert_eq!(p["ipam"]["type"], "warren-ipam");
         assert_eq!(p["ipam"]["ranges"][0][0]["subnet"], "10.233.90.0/24");
+        assert_eq!(
+            p["ipam"]["ranges"][0][0]["rangeStart"], "10.233.90.2",
+            "NodePort source kept out"
+        );
         assert_eq!(p["capabilities"]["ips"], true);
         assert_eq!(v["plugins"][1]["type"], "portmap");
         assert_eq!(v["plugins"][1]["capabilities"]["portMappings"], true);

@@ -234,7 +234,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
     );
     let mut tracker = PolicyTracker::default();
-    tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy mode (preserve-source is not implemented yet: behaves as plain)");
+    tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy behaviour");
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,11 +268,14 @@ async fn run(args: RunArgs) -> Result<()> {
         let all_synced = [&pods.synced, &namespaces.synced, &policies.synced]
             .iter()
             .all(|s| s.load(std::sync::atomic::Ordering::Acquire));
+        let infos: Vec<_> = nodes.store.state().iter().map(|n| k8s::to_info(n)).collect();
         let build = if all_synced {
             let ns: Vec<Namespace> = namespaces.store.state().iter().map(|o| (**o).clone()).collect();
             let ps: Vec<Pod> = pods.store.state().iter().map(|o| (**o).clone()).collect();
             let np: Vec<NetworkPolicy> = policies.store.state().iter().map(|o| (**o).clone()).collect();
-            match policy_sync::build(&ns, &ps, &np, &cfg.node_name, conf::names::HOST_VETH_PREFIX) {
+            let nodeport =
+                policy_sync::nodeport_check(cfg.nodeport_policy, cfg.ipip_mode, &cfg.node_name, block, &infos);
+            match policy_sync::build_with(&ns, &ps, &np, &cfg.node_name, conf::names::HOST_VETH_PREFIX, nodeport) {
                 Ok(b) => {
                     for e in tracker.compiled(&b, &metrics) {
                         tracing::warn!(namespace = %e.policy.namespace, name = %e.policy.name, reason = %e.reason, "NetworkPolicy not enforced");
@@ -300,7 +303,6 @@ async fn run(args: RunArgs) -> Result<()> {
             None
         };
         let sweep = build.is_some();
-        let infos: Vec<_> = nodes.store.state().iter().map(|n| k8s::to_info(n)).collect();
         let start = std::time::Instant::now();
         match rec
             .reconcile(&infos, build.as_ref().map(|b| b.dataplane.clone()), sweep)
@@ -313,6 +315,10 @@ async fn run(args: RunArgs) -> Result<()> {
                         u64::try_from(apply.as_micros()).unwrap_or(u64::MAX),
                         std::sync::atomic::Ordering::Relaxed,
                     );
+                    metrics
+                        .nodeport_preserve_source
+                        .store(b.nodeport, std::sync::atomic::Ordering::Relaxed);
+                    metrics.policy_synced.store(true, std::sync::atomic::Ordering::Relaxed);
                     for (ns, pod, secs) in tracker.applied(b, &metrics) {
                         tracing::info!(namespace = %ns, pod = %pod, since_created_s = secs, "pod programmed");
                     }

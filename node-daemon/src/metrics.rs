@@ -16,6 +16,10 @@ pub struct Metrics {
     pub drift_repairs: AtomicU64,
     pub api_errors: AtomicU64,
     pub ready: AtomicBool,
+    /// Policy programmed at least once by this process (its first full sync is done).
+    pub policy_synced: AtomicBool,
+    /// The programmed policy carries the NodePort check (preserve-source).
+    pub nodeport_preserve_source: AtomicBool,
     pub policy_compiles: AtomicU64,
     pub policy_compile_micros_last: AtomicU64,
     pub policy_compile_micros_total: AtomicU64,
@@ -109,6 +113,18 @@ impl Metrics {
             "gauge",
             "1 once the first route sync is done.",
             u8::from(self.ready.load(Ordering::Relaxed)).to_string(),
+        );
+        metric(
+            "warren_policy_synced",
+            "gauge",
+            "1 once this process has programmed NetworkPolicy from complete lists.",
+            u8::from(self.policy_synced.load(Ordering::Relaxed)).to_string(),
+        );
+        metric(
+            "warren_nodeport_preserve_source",
+            "gauge",
+            "1 when the programmed policy checks forwarded service traffic against the client's own address.",
+            u8::from(self.nodeport_preserve_source.load(Ordering::Relaxed)).to_string(),
         );
         let gauges: [(&str, &str, &AtomicU64); 7] = [
             (

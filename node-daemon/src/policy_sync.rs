@@ -14,6 +14,10 @@ use policy::model::PolicyRef;
 use policy::PolicyError;
 
 use crate::metrics::Metrics;
+use crate::routes::NodeInfo;
+use conf::daemon::{IpipMode, NodePortPolicy};
+use ipnet::Ipv4Net;
+use policy::compile::NodePortCheck;
 
 /// One compile's result.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +29,8 @@ pub struct PolicyBuild {
     /// Local workloads in `dataplane`: (namespace, pod) → creationTimestamp, if the API gave one.
     pub workloads: BTreeMap<(String, String), Option<SystemTime>>,
     pub compile_time: Duration,
+    /// Compiled with the NodePort check (preserve-source).
+    pub nodeport: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +39,8 @@ pub enum PolicySyncError {
     Names(#[from] conf::names::NameError),
 }
 
-/// Converts and compiles for `node`. A malformed policy ends up in `errors`, never as an `Err`:
-/// the other policies keep being enforced.
+/// Converts and compiles for `node`, NodePort behaviour plain. A malformed policy ends up in
+/// `errors`, never as an `Err`: the other policies keep being enforced.
 pub fn build(
     namespaces: &[core::Namespace],
     pods: &[core::Pod],
@@ -42,9 +48,22 @@ pub fn build(
     node: &str,
     veth_prefix: &str,
 ) -> Result<PolicyBuild, PolicySyncError> {
+    build_with(namespaces, pods, policies, node, veth_prefix, None)
+}
+
+/// [`build`] with the NodePort check (preserve-source) when `nodeport` is `Some`.
+pub fn build_with(
+    namespaces: &[core::Namespace],
+    pods: &[core::Pod],
+    policies: &[net::NetworkPolicy],
+    node: &str,
+    veth_prefix: &str,
+    nodeport: Option<NodePortCheck>,
+) -> Result<PolicyBuild, PolicySyncError> {
     let start = Instant::now();
     let converted = policy::convert::convert(namespaces, pods, policies);
-    let ctx = policy::NodeCtx::from_model(&converted.model, node, veth_prefix)?;
+    let with_nodeport = nodeport.is_some();
+    let ctx = policy::NodeCtx::from_model(&converted.model, node, veth_prefix)?.with_nodeport(nodeport);
     let compiled = policy::compile(&converted.model, &ctx);
     let compile_time = start.elapsed();
     let created: BTreeMap<(&str, &str), SystemTime> = pods
@@ -72,6 +91,33 @@ pub fn build(
         stats: compiled.stats,
         workloads,
         compile_time,
+        nodeport: with_nodeport,
+    })
+}
+
+/// What preserve-source needs on this node, or `None` when it is off: the plain behaviour was
+/// asked for, or there is no tunnel to carry the checked traffic (IPIP `Never`), or the block
+/// is too small to spare a NodePort source. Peers without a block yet are left out until they
+/// have one.
+pub fn nodeport_check(
+    behaviour: NodePortPolicy,
+    ipip: IpipMode,
+    me: &str,
+    local_block: Ipv4Net,
+    nodes: &[NodeInfo],
+) -> Option<NodePortCheck> {
+    if behaviour != NodePortPolicy::PreserveSource || ipip == IpipMode::Never {
+        return None;
+    }
+    Some(NodePortCheck {
+        tunnel_iface: conf::names::TUNNEL_IFACE.to_string(),
+        local_source: conf::names::nodeport_source(local_block)?,
+        peer_sources: nodes
+            .iter()
+            .filter(|n| n.name != me)
+            .filter_map(|n| n.block.and_then(conf::names::nodeport_source))
+            .collect(),
+        kube_masq_mark: policy::compile::KUBE_PROXY_MASQ_MARK,
     })
 }
 
@@ -187,5 +233,39 @@ pub fn policy_event(e: &PolicyError, uid: Option<&str>, node: &str) -> core::Eve
         action: Some("Compile".into()),
         count: Some(1),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, block: Option<&str>) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            internal_ip: None,
+            block: block.map(|b| b.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn should_trust_every_peers_nodeport_source_and_use_its_own() {
+        let nodes = [
+            info("node1", Some("10.233.90.0/24")),
+            info("node2", Some("10.233.96.0/24")),
+            info("node3", Some("10.233.92.0/24")),
+            info("node4", None),
+        ];
+        let block = "10.233.90.0/24".parse().unwrap();
+        let c = nodeport_check(NodePortPolicy::PreserveSource, IpipMode::Always, "node1", block, &nodes).unwrap();
+        assert_eq!(c.local_source, "10.233.90.1".parse::<std::net::Ipv4Addr>().unwrap());
+        let peers: Vec<String> = c.peer_sources.iter().map(|p| p.to_string()).collect();
+        assert_eq!(peers, ["10.233.92.1", "10.233.96.1"]);
+        assert_eq!(c.tunnel_iface, "tunl0");
+        assert!(nodeport_check(NodePortPolicy::Plain, IpipMode::Always, "node1", block, &nodes).is_none());
+        assert!(
+            nodeport_check(NodePortPolicy::PreserveSource, IpipMode::Never, "node1", block, &nodes).is_none(),
+            "no tunnel, nothing to trust"
+        );
     }
 }

@@ -41,9 +41,19 @@ pub const CHAIN_TO_WL: &str = "WARREN-TO-WL-DISPATCH";
 pub const CHAIN_WL_TO_HOST: &str = "WARREN-WL-TO-HOST";
 pub const CHAIN_HOST_TO_WL: &str = "WARREN-HOST-TO-WL";
 pub const CHAIN_INGRESS_BY_DST: &str = "WARREN-INGRESS-BY-DST";
+/// Service traffic this node forwards to a pod on another node, checked here (preserve-source).
+pub const CHAIN_NODEPORT: &str = "WARREN-NODEPORT";
+/// nat POSTROUTING: checked service traffic leaves with this node's NodePort source.
+pub const CHAIN_NODEPORT_SNAT: &str = "WARREN-NODEPORT-SNAT";
+/// Peers' NodePort sources: traffic from them through the tunnel was checked by the peer.
+pub const SET_NODEPORT_PEERS: &str = "warren-np-peers";
+/// Mark bit set on service traffic this node checked and will SNAT to its NodePort source.
+pub const MARK_CHECKED: u32 = 0x20000;
+/// kube-proxy's default masquerade mark (`--iptables-masquerade-bit=14`).
+pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;
 /// Rules one workload adds to the node, whatever the number of policies: dispatch (2), host
-/// (2), TW (7 when isolated), FW (9 when isolated).
-pub const MAX_RULES_PER_WORKLOAD: usize = 20;
+/// (2), TW (9 when isolated), FW (9 when isolated).
+pub const MAX_RULES_PER_WORKLOAD: usize = 22;
 /// Longest chain name iptables accepts.
 pub const MAX_CHAIN_LEN: usize = 28;
 /// Longest ipset name the kernel accepts.
@@ -70,6 +80,28 @@ pub struct NodeCtx {
     /// Prefix of workload interfaces (`cali`); `<prefix>+` interfaces without a chain are dropped.
     pub veth_prefix: String,
     pub workloads: Vec<Workload>,
+    /// `Some` when this node keeps NetworkPolicy's meaning for service traffic that kube-proxy
+    /// forwards to other nodes with SNAT (issue 6's preserve-source; `None` is plain).
+    pub nodeport: Option<NodePortCheck>,
+}
+
+/// Preserve-source: the node that receives service traffic (a NodePort, or an external client
+/// of a ClusterIP) for a pod on another node checks that pod's ingress policy itself, against
+/// the client's own address, before kube-proxy's masquerade hides it. What it lets through
+/// leaves through the tunnel with `local_source` instead of tunl0's address; the peers trust
+/// exactly those sources, arriving through the tunnel, as already checked. Sound because pods
+/// cannot send with another address (anti-spoofing) and IPIP is accepted only from nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePortCheck {
+    /// The tunnel device; only traffic through it is checked here or trusted there (routes
+    /// that bypass the tunnel, in CrossSubnet/Never modes, keep the plain behaviour).
+    pub tunnel_iface: String,
+    /// This node's NodePort source: an address of its block that IPAM never hands out.
+    pub local_source: Ipv4Addr,
+    /// Every peer node's NodePort source.
+    pub peer_sources: BTreeSet<Ipv4Addr>,
+    /// The mark kube-proxy sets on connections it will masquerade.
+    pub kube_masq_mark: u32,
 }
 
 impl NodeCtx {
@@ -90,7 +122,13 @@ impl NodeCtx {
             node: node.to_string(),
             veth_prefix: veth_prefix.to_string(),
             workloads,
+            nodeport: None,
         })
+    }
+
+    pub fn with_nodeport(mut self, check: Option<NodePortCheck>) -> NodeCtx {
+        self.nodeport = check;
+        self
     }
 
     /// A context with no local workloads: enough for `WARREN-INGRESS-BY-DST` queries.
@@ -99,6 +137,7 @@ impl NodeCtx {
             node: node.to_string(),
             veth_prefix: conf::names::HOST_VETH_PREFIX.to_string(),
             workloads: vec![],
+            nodeport: None,
         }
     }
 }
@@ -573,6 +612,26 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
                     if pols.is_empty() {
                         body.push(Rule::new(vec![], set_accept()).commented(format!("no {} policy", d.name())));
                     } else {
+                        if let (Direction::Ingress, Some(np)) = (d, &node.nodeport) {
+                            body.push(
+                                Rule::new(
+                                    vec![
+                                        Match::InIface {
+                                            name: np.tunnel_iface.clone(),
+                                            negate: false,
+                                        },
+                                        Match::Set {
+                                            name: SET_NODEPORT_PEERS.into(),
+                                            dir: SetDir::Src,
+                                            negate: false,
+                                        },
+                                    ],
+                                    set_accept(),
+                                )
+                                .commented("service traffic checked by the node that received it"),
+                            );
+                            body.push(Rule::new(vec![mark_is_accept()], Action::Return));
+                        }
                         let g = ensure_group(d, pols, &mut ctx, &mut chains, &mut out);
                         body.push(Rule::new(vec![], Action::Jump(g)));
                         body.push(Rule::new(vec![mark_is_accept()], Action::Return));
@@ -613,15 +672,86 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
             }
         }
     };
-    chains.insert(
-        CHAIN_FORWARD.into(),
-        vec![
-            Rule::new(vec![], clear_accept()),
-            Rule::new(vec![iface(&wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
-            Rule::new(vec![iface(&wild, true)], Action::Jump(CHAIN_TO_WL.into())),
-            Rule::new(vec![mark_is_accept()], Action::Accept).commented("allowed by policy"),
-        ],
-    );
+    let mut forward = vec![
+        Rule::new(vec![], clear_accept()),
+        Rule::new(vec![iface(&wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
+        Rule::new(vec![iface(&wild, true)], Action::Jump(CHAIN_TO_WL.into())),
+    ];
+    let mut output = vec![
+        // IPVS sends the service connections it forwards to local pods out through OUTPUT, with
+        // the client's address: they get the pod's ingress policy as forwarded traffic does.
+        Rule::new(
+            vec![iface(&wild, true), Match::SrcLocal { negate: true }],
+            Action::Jump(CHAIN_TO_WL.into()),
+        ),
+        Rule::new(vec![iface(&wild, true)], Action::Jump(CHAIN_HOST_TO_WL.into())),
+    ];
+    if let Some(np) = &node.nodeport {
+        let service = |extra: Match| {
+            vec![
+                iface(&np.tunnel_iface, true),
+                Match::Mark {
+                    value: np.kube_masq_mark,
+                    mask: np.kube_masq_mark,
+                    negate: false,
+                },
+                extra,
+            ]
+        };
+        forward.push(
+            Rule::new(
+                service(Match::CtState(vec![CtState::Dnat])),
+                Action::Jump(CHAIN_NODEPORT.into()),
+            )
+            .commented("service traffic kube-proxy will masquerade"),
+        );
+        output.insert(
+            0,
+            Rule::new(
+                service(Match::SrcLocal { negate: true }),
+                Action::Jump(CHAIN_NODEPORT.into()),
+            )
+            .commented("service traffic IPVS forwards and kube-proxy will masquerade"),
+        );
+        chains.insert(
+            CHAIN_NODEPORT.into(),
+            vec![
+                Rule::new(vec![], Action::Jump(CHAIN_INGRESS_BY_DST.into())),
+                Rule::new(
+                    vec![mark_is_accept()],
+                    Action::SetMark {
+                        value: MARK_CHECKED,
+                        mask: MARK_CHECKED,
+                    },
+                )
+                .commented("checked here: leaves with this node's NodePort source"),
+                Rule::new(vec![mark_is_accept()], Action::Return),
+                Rule::new(vec![], Action::Drop).commented("the destination pod's ingress policy denies the client"),
+            ],
+        );
+        ctx.sets.insert(
+            SET_NODEPORT_PEERS.into(),
+            IpSetSpec {
+                kind: "hash:ip".into(),
+                members: np.peer_sources.iter().map(|ip| ip.to_string()).collect(),
+            },
+        );
+        out.dataplane.chains.insert(
+            (Table::Nat, CHAIN_NODEPORT_SNAT.into()),
+            vec![format!(
+                "-o {} -m mark --mark {MARK_CHECKED:#x}/{MARK_CHECKED:#x} -j SNAT --to-source {}",
+                np.tunnel_iface, np.local_source
+            )],
+        );
+        out.dataplane.hooks.insert(Hook {
+            table: Table::Nat,
+            chain: "POSTROUTING".into(),
+            rule: format!("-j {CHAIN_NODEPORT_SNAT}"),
+            first: true,
+        });
+    }
+    forward.push(Rule::new(vec![mark_is_accept()], Action::Accept).commented("allowed by policy"));
+    chains.insert(CHAIN_FORWARD.into(), forward);
     chains.insert(
         CHAIN_INPUT.into(),
         vec![Rule::new(
@@ -629,13 +759,7 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
             Action::Jump(CHAIN_WL_TO_HOST.into()),
         )],
     );
-    chains.insert(
-        CHAIN_OUTPUT.into(),
-        vec![Rule::new(
-            vec![iface(&wild, true)],
-            Action::Jump(CHAIN_HOST_TO_WL.into()),
-        )],
-    );
+    chains.insert(CHAIN_OUTPUT.into(), output);
 
     for (builtin, ours) in [
         ("FORWARD", CHAIN_FORWARD),

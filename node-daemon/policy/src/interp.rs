@@ -26,6 +26,13 @@ pub struct Packet {
     /// None for packets to this host (INPUT).
     pub out_iface: Option<String>,
     pub ct: CtState,
+    /// The connection's destination was translated (a service's DNAT or IPVS).
+    pub dnat: bool,
+    /// The source is one of this host's addresses (true for what the host itself sends).
+    pub src_local: bool,
+    /// The mark the packet carries when it reaches the filter table (e.g. kube-proxy's
+    /// masquerade bit, set in nat PREROUTING).
+    pub mark: u32,
 }
 
 impl Packet {
@@ -39,12 +46,31 @@ impl Packet {
             in_iface: None,
             out_iface: None,
             ct: CtState::New,
+            dnat: false,
+            src_local: false,
+            mark: 0,
         }
     }
 
+    /// Through these interfaces; a packet without an input interface is the host's own.
     pub fn via(mut self, in_iface: Option<&str>, out_iface: Option<&str>) -> Packet {
         self.in_iface = in_iface.map(str::to_string);
         self.out_iface = out_iface.map(str::to_string);
+        self.src_local = in_iface.is_none();
+        self
+    }
+
+    /// As a service translated it: destination rewritten, carrying `mark` (kube-proxy's
+    /// masquerade bit when it will SNAT the connection).
+    pub fn translated(mut self, mark: u32) -> Packet {
+        self.dnat = true;
+        self.mark = mark;
+        self
+    }
+
+    /// Sent out by IPVS on behalf of a remote client: OUTPUT path, foreign source.
+    pub fn forwarded_by_ipvs(mut self) -> Packet {
+        self.src_local = false;
         self
     }
 
@@ -227,7 +253,7 @@ impl Interpreter {
     pub fn run(&self, pkt: &Packet) -> Trace {
         let mut t = Trace {
             verdict: Verdict::Continue,
-            mark: 0,
+            mark: pkt.mark,
             chains: vec![],
             last_comment: None,
             marked_by: None,
@@ -247,7 +273,7 @@ impl Interpreter {
     pub fn run_chain(&self, chain: &str, pkt: &Packet) -> Trace {
         let mut t = Trace {
             verdict: Verdict::Continue,
-            mark: 0,
+            mark: pkt.mark,
             chains: vec![],
             last_comment: None,
             marked_by: None,
@@ -331,7 +357,8 @@ impl Interpreter {
                 hit != *negate
             }
             Match::Mark { value, mask, negate } => ((mark & mask) == *value) != *negate,
-            Match::CtState(states) => states.contains(&pkt.ct),
+            Match::CtState(states) => states.iter().any(|s| *s == pkt.ct || (*s == CtState::Dnat && pkt.dnat)),
+            Match::SrcLocal { negate } => pkt.src_local != *negate,
         })
     }
 }

@@ -62,6 +62,9 @@ fn packet(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Packet {
             in_iface: None,
             out_iface: None,
             ct: CtState::New,
+            dnat: false,
+            src_local: false,
+            mark: 0,
         },
     }
 }

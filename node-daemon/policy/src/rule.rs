@@ -70,6 +70,11 @@ pub enum Match {
     },
     /// `-m conntrack --ctstate A,B`.
     CtState(Vec<CtState>),
+    /// `-m addrtype [!] --src-type LOCAL`: the source is one of this host's addresses. In OUTPUT
+    /// it tells host-originated packets from those IPVS forwards on another host's behalf.
+    SrcLocal {
+        negate: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,6 +83,8 @@ pub enum CtState {
     Established,
     Related,
     Invalid,
+    /// The connection's destination was translated (kube-proxy's DNAT to a service endpoint).
+    Dnat,
 }
 
 impl CtState {
@@ -87,12 +94,19 @@ impl CtState {
             CtState::Established => "ESTABLISHED",
             CtState::Related => "RELATED",
             CtState::Invalid => "INVALID",
+            CtState::Dnat => "DNAT",
         }
     }
     fn parse(s: &str) -> Option<CtState> {
-        [CtState::New, CtState::Established, CtState::Related, CtState::Invalid]
-            .into_iter()
-            .find(|c| c.text() == s)
+        [
+            CtState::New,
+            CtState::Established,
+            CtState::Related,
+            CtState::Invalid,
+            CtState::Dnat,
+        ]
+        .into_iter()
+        .find(|c| c.text() == s)
     }
 }
 
@@ -236,6 +250,9 @@ impl Rule {
                 Match::CtState(states) => {
                     let s: Vec<&str> = states.iter().map(|s| s.text()).collect();
                     let _ = write!(out, "-m conntrack --ctstate {} ", s.join(","));
+                }
+                Match::SrcLocal { negate } => {
+                    let _ = write!(out, "-m addrtype {}--src-type LOCAL ", neg(*negate));
                 }
             }
         }
@@ -392,6 +409,17 @@ impl Rule {
                                 .ok_or_else(|| err("bad ctstate"))?;
                             rule.matches.push(Match::CtState(states));
                         }
+                        "addrtype" => {
+                            let mut n = it.next();
+                            if n == Some("!") {
+                                negate = true;
+                                n = it.next();
+                            }
+                            if n != Some("--src-type") || it.next() != Some("LOCAL") {
+                                return Err(err("only --src-type LOCAL is supported"));
+                            }
+                            rule.matches.push(Match::SrcLocal { negate });
+                        }
                         _ => return Err(err("unknown match module")),
                     }
                 }
@@ -526,6 +554,28 @@ mod tests {
             Action::Accept,
         );
         assert_eq!(Rule::parse(&icmp.render()).unwrap(), icmp);
+        let ipvs = Rule::new(
+            vec![
+                Match::OutIface {
+                    name: "tunl0".into(),
+                    negate: false,
+                },
+                Match::Mark {
+                    value: 0x4000,
+                    mask: 0x4000,
+                    negate: false,
+                },
+                Match::SrcLocal { negate: true },
+                Match::CtState(vec![CtState::Dnat]),
+            ],
+            Action::Jump("WARREN-NODEPORT".into()),
+        );
+        let text = ipvs.render();
+        assert_eq!(
+            text,
+            "-o tunl0 -m mark --mark 0x4000/0x4000 -m addrtype ! --src-type LOCAL -m conntrack --ctstate DNAT -j WARREN-NODEPORT"
+        );
+        assert_eq!(Rule::parse(&text).unwrap(), ipvs);
     }
 
     #[test]
