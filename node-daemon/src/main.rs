@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use conf::daemon::{parse_pool, DaemonConfig, IpipMode, IptablesBackend, IPIP_OVERHEAD};
+use conf::dataplane::DesiredDataplane;
 use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, PostParams};
@@ -21,6 +22,7 @@ use node_daemon::metrics::Metrics;
 use node_daemon::netlink::{sync_routes, LinkOps, Netlink};
 use node_daemon::policy_sync::{self, PolicyTracker};
 use node_daemon::reconcile::{LocalNode, Reconciler};
+use node_daemon::routes::NodeInfo;
 use node_daemon::writer::{backend, ExecRunner, Writer};
 use node_daemon::{cniconf, health};
 use tokio::signal::unix::{signal, SignalKind};
@@ -75,7 +77,7 @@ struct RunArgs {
     #[arg(long, env = "WARREN_HEALTH_ADDR", default_value = conf::daemon::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
     /// Seconds between full resyncs (drift repair).
-    #[arg(long, env = "WARREN_RESYNC_INTERVAL", default_value_t = 10)]
+    #[arg(long, env = "WARREN_RESYNC_INTERVAL", default_value_t = 5)]
     resync_interval: u64,
     /// auto, legacy or nft.
     #[arg(long, env = "WARREN_IPTABLES_BACKEND", default_value = "auto")]
@@ -239,14 +241,18 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut tick = tokio::time::interval(cfg.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_set = false;
+    // What the last successful pass programmed; an event that changes none of it (a Node's
+    // heartbeat, a pod's status) needs no pass until the resync reads the kernel back anyway.
+    let mut programmed: Option<(Vec<NodeInfo>, Option<DesiredDataplane>)> = None;
     loop {
-        tokio::select! {
+        let resync = tokio::select! {
             _ = changed.notified() => {
                 // Debounce: a burst of watch events (a Deployment scaling, a relist) becomes one
                 // compile; events during the pause leave a permit for one more pass.
                 tokio::time::sleep(POLICY_DEBOUNCE).await;
+                false
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => true,
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM: exiting, dataplane left in place");
                 return Ok(());
@@ -255,7 +261,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 tracing::info!("interrupted: exiting, dataplane left in place");
                 return Ok(());
             }
-        }
+        };
         // Nothing is programmed (and nothing swept) before the first complete Node list: a
         // restart keeps the old state until the new one is known.
         if !nodes.synced.load(std::sync::atomic::Ordering::Acquire) {
@@ -303,12 +309,17 @@ async fn run(args: RunArgs) -> Result<()> {
             None
         };
         let sweep = build.is_some();
+        let inputs = (infos.clone(), build.as_ref().map(|b| b.dataplane.clone()));
+        if !resync && programmed.as_ref() == Some(&inputs) {
+            continue;
+        }
         let start = std::time::Instant::now();
         match rec
             .reconcile(&infos, build.as_ref().map(|b| b.dataplane.clone()), sweep)
             .await
         {
             Ok(o) => {
+                programmed = Some(inputs);
                 if let Some(b) = &build {
                     let apply = start.elapsed();
                     metrics.policy_apply_micros_last.store(
@@ -347,7 +358,10 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %e, "sync failed; retrying at the next event or resync"),
+            Err(e) => {
+                programmed = None;
+                tracing::error!(error = %e, "sync failed; retrying at the next event or resync");
+            }
         }
     }
 }
