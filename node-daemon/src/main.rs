@@ -65,8 +65,9 @@ struct RunArgs {
     /// Always, CrossSubnet or Never.
     #[arg(long, env = "WARREN_IPIP_MODE", default_value = "Always")]
     ipip_mode: String,
-    /// Pod and tunl0 MTU (default: underlay MTU − 20, or the underlay MTU in mode Never).
-    #[arg(long, env = "WARREN_MTU")]
+    /// Pod and tunl0 MTU, or `auto` (also `0` or empty): the underlay MTU − 20, or the
+    /// underlay MTU in mode Never.
+    #[arg(long, env = "WARREN_MTU", default_value = "auto", value_parser = parse_mtu)]
     mtu: Option<u32>,
     #[arg(long, env = "WARREN_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
     nat_outgoing: bool,
@@ -116,6 +117,17 @@ struct UninstallArgs {
 
 fn hostname() -> Option<String> {
     nix::unistd::gethostname().ok()?.into_string().ok()
+}
+
+/// `auto`, `0` or empty: follow the underlay; otherwise the MTU itself.
+fn parse_mtu(s: &str) -> Result<Option<u32>, String> {
+    match s.trim() {
+        "" | "0" | "auto" | "Auto" => Ok(None),
+        n => n
+            .parse::<u32>()
+            .map(Some)
+            .map_err(|_| format!("MTU {n:?} is neither a number nor `auto`")),
+    }
 }
 
 impl RunArgs {
@@ -313,6 +325,9 @@ async fn run(args: RunArgs) -> Result<()> {
         if !resync && programmed.as_ref() == Some(&inputs) {
             continue;
         }
+        // Between resyncs the writer diffs against what it wrote; the resync (and any pass after
+        // a failure) reads the kernel back and repairs drift.
+        rec.writer.read_back = resync || programmed.is_none();
         let start = std::time::Instant::now();
         match rec
             .reconcile(&infos, build.as_ref().map(|b| b.dataplane.clone()), sweep)

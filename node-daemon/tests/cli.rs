@@ -39,6 +39,13 @@ fn should_refuse_bad_configuration_with_a_clear_message() {
         .output()
         .unwrap();
     assert!(stderr(&o).contains("\"ebtables\""), "env is read too: {}", stderr(&o));
+    let o = Command::new(BIN)
+        .args(["run", "--node-name", "n"])
+        .env("WARREN_MTU", "jumbo")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("neither a number nor `auto`"), "{}", stderr(&o));
 }
 
 #[test]

@@ -30,6 +30,8 @@ pub struct FakeKernel {
     pub fail_next: Mutex<FailFlags>,
     /// Every write (restore) command with its input, for assertions on batching.
     pub writes: Mutex<Vec<(String, String)>>,
+    /// How many dumps (`*-save`, `ipset save`) were read.
+    pub reads: std::sync::atomic::AtomicUsize,
 }
 
 fn builtins(table: &str) -> &'static [&'static str] {
@@ -288,9 +290,17 @@ impl FakeKernel {
 impl CommandRunner for FakeKernel {
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CmdError> {
         let input = stdin.unwrap_or_default();
+        if program.ends_with("-save") || (program == "ipset" && args.first() == Some(&"save")) {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if program.ends_with("-save") {
-            let table = args.windows(2).find(|w| w[0] == "-t").map_or("filter", |w| w[1]);
-            return Ok(self.save(table));
+            return Ok(match args.windows(2).find(|w| w[0] == "-t") {
+                Some(w) => self.save(w[1]),
+                None => ["raw", "mangle", "nat", "filter"]
+                    .iter()
+                    .map(|t| self.save(t))
+                    .collect(),
+            });
         }
         if program.ends_with("-restore") {
             self.writes

@@ -39,6 +39,12 @@ pub struct Writer<C: CommandRunner> {
     backend: Backend,
     /// The last desired state applied successfully, to tell drift from intended change.
     last: Option<DesiredDataplane>,
+    /// Read the kernel back (`ipset save`, `iptables-save` per table) before diffing. When
+    /// false, and a previous apply succeeded, the diff is taken against what that apply wrote:
+    /// a change costs one `ipset restore` and one `iptables-restore` per changed table instead
+    /// of five dumps of tables that may hold 100 000 rules. Drift goes unseen until the next
+    /// read-back, so the caller reads back on its resync period (Calico's felix does the same).
+    pub read_back: bool,
 }
 
 impl<C: CommandRunner> Writer<C> {
@@ -47,6 +53,7 @@ impl<C: CommandRunner> Writer<C> {
             runner,
             backend,
             last: None,
+            read_back: true,
         }
     }
 
@@ -58,9 +65,11 @@ impl<C: CommandRunner> Writer<C> {
         &self.runner
     }
 
-    fn save_table(&self, table: Table) -> Result<iptables::SavedTable, CmdError> {
-        let text = self.runner.run(self.backend.save, &["-t", table.name()], None)?;
-        Ok(iptables::parse_save(&text))
+    /// Every table in one dump: `iptables-nft-save -t T` reads the whole ruleset whatever T is,
+    /// so four per-table dumps cost four full reads.
+    fn save_tables(&self) -> Result<BTreeMap<String, iptables::SavedTable>, CmdError> {
+        let text = self.runner.run(self.backend.save, &[], None)?;
+        Ok(iptables::parse_save_all(&text))
     }
 
     /// Brings the kernel to `desired`. Safe to call repeatedly: a second call with the same state
@@ -69,9 +78,13 @@ impl<C: CommandRunner> Writer<C> {
         let mut errors = Vec::new();
         let mut report = ApplyReport::default();
 
-        let actual_sets = match self.runner.run("ipset", &["save"], None) {
-            Ok(t) => ipset::parse_save(&t),
-            Err(e) => return Err(WriterError(vec![e])),
+        let cached = if self.read_back { None } else { self.last.clone() };
+        let actual_sets = match &cached {
+            Some(last) => last.ipsets.clone(),
+            None => match self.runner.run("ipset", &["save"], None) {
+                Ok(t) => ipset::parse_save(&t),
+                Err(e) => return Err(WriterError(vec![e])),
+            },
         };
         let set_plan = ipset::plan_sets(&desired.ipsets, &actual_sets, sweep);
         if !set_plan.before.is_empty() {
@@ -80,6 +93,14 @@ impl<C: CommandRunner> Writer<C> {
             }
         }
 
+        let saved = match &cached {
+            Some(_) => Ok(BTreeMap::new()),
+            None => self.save_tables(),
+        };
+        let saved = match saved {
+            Ok(t) => t,
+            Err(e) => return Err(WriterError(vec![e])),
+        };
         for table in iptables::ALL_TABLES {
             let chains: BTreeMap<String, Vec<String>> = desired
                 .chains
@@ -88,12 +109,10 @@ impl<C: CommandRunner> Writer<C> {
                 .map(|((_, c), r)| (c.clone(), r.clone()))
                 .collect();
             let hooks: Vec<&Hook> = desired.hooks.iter().filter(|h| h.table == table).collect();
-            let actual = match self.save_table(table) {
-                Ok(a) => a,
-                Err(e) => {
-                    errors.push(e);
-                    continue;
-                }
+            let actual = match &cached {
+                Some(last) => iptables::as_written(table, last),
+                // A table the dump does not show is empty (not even loaded).
+                None => saved.get(table.name()).cloned().unwrap_or_default(),
             };
             let plan = iptables::plan_table(table, &chains, &hooks, &actual, sweep);
             if plan.restore.is_empty() {
@@ -115,7 +134,7 @@ impl<C: CommandRunner> Writer<C> {
         }
         report.changed.extend(set_plan.changed);
 
-        report.drifted = match &self.last {
+        report.drifted = match self.last.as_ref().filter(|_| cached.is_none()) {
             Some(last) => report
                 .changed
                 .iter()
@@ -273,6 +292,50 @@ mod tests {
         let r = w.apply(&desired(), true).unwrap();
         assert!(r.changed.iter().any(|c| c == "chain filter/WARREN-INPUT"));
         assert!(r.drifted.is_empty(), "a failed write is not drift");
+    }
+
+    #[test]
+    fn should_diff_against_what_it_wrote_without_reading_back_and_still_repair_on_read_back() {
+        use std::sync::atomic::Ordering;
+        let mut w = writer();
+        w.apply(&desired(), true).unwrap();
+        w.read_back = false;
+        let reads = w.runner().reads.load(Ordering::Relaxed);
+        let writes = w.runner().writes.lock().unwrap().len();
+        let mut d = desired();
+        d.ipsets
+            .get_mut("warren-all-hosts")
+            .unwrap()
+            .members
+            .insert("10.0.0.3".into());
+        d.chains
+            .get_mut(&(Table::Filter, "WARREN-INPUT".to_string()))
+            .unwrap()
+            .insert(0, "-p 4 -s 10.0.0.3/32 -j ACCEPT".into());
+        let r = w.apply(&d, true).unwrap();
+        assert_eq!(r.changed.len(), 2, "{:?}", r.changed);
+        assert_eq!(w.runner().reads.load(Ordering::Relaxed), reads, "no dump read");
+        assert_eq!(
+            w.runner().writes.lock().unwrap().len(),
+            writes + 2,
+            "one ipset and one filter batch"
+        );
+        assert_eq!(w.runner().set_members("warren-all-hosts").unwrap().len(), 3);
+        assert_eq!(w.runner().rules("filter", "WARREN-INPUT").unwrap().len(), 3);
+        assert_eq!(
+            w.runner().rules("filter", "INPUT").unwrap().len(),
+            1,
+            "hook not repeated"
+        );
+        assert_eq!(w.apply(&d, true).unwrap(), ApplyReport::default());
+
+        // Unseen drift stays until the caller reads back, which repairs and names it.
+        w.runner().flush_chain("filter", "WARREN-INPUT");
+        assert_eq!(w.apply(&d, true).unwrap(), ApplyReport::default());
+        w.read_back = true;
+        let r = w.apply(&d, true).unwrap();
+        assert_eq!(r.drifted, vec!["chain filter/WARREN-INPUT".to_string()]);
+        assert_eq!(w.runner().rules("filter", "WARREN-INPUT").unwrap().len(), 3);
     }
 
     #[test]
