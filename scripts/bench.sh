@@ -4,7 +4,8 @@
 # the soak exits non-zero on any leak or duplicate address, and so does this script.
 #   BENCH_COUNT  ADD/DEL per plugin for bench-cni (default 1000)
 #   SOAK_CYCLES  ADD/DEL cycles for soak-cni (default 10000)
-# Later benchmarks get added below.
+#   POLICY_EDITS policy edits per size for policy_writer_bench (default 20)
+#   CONNRATE_SECONDS seconds per phase for bench-connrate (default 10)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,13 +27,19 @@ echo "== soak-cni: ADD/DEL with kill -9, then GC"
 "$target/release/soak-cni" --cycles "${SOAK_CYCLES:-10000}" --out "$root/target/bench/soak-cni.json"
 
 echo "== overlay: node event → route, 5 000 peer routes from cold, resync CPU, RSS (warren-node)"
-"$cargo" build --release -p node-daemon --bins --examples
-"$target/release/examples/overlay_bench" "$target/release/warren-node" | tee "$root/target/bench/overlay.txt"
+"$cargo" build --release -p node-daemon -p policy --bins --examples
+"$target/release/examples/overlay_bench" "$target/release/warren-node" --out "$root/target/bench/overlay.json"
 
 echo "== policy compiler at 1 000 / 10 000 pods and 200 / 1 000 policies"
-"$cargo" run --release -q -p policy --example scale | tee "$root/target/bench/policy-scale.txt"
+"$target/release/examples/scale" --out "$root/target/bench/policy_scale.json"
+
+echo "== policy writer (real iptables/ipset, throw-away netns): sizes, edit latency, pod add at ~100 000 rules"
+"$target/release/examples/policy_writer_bench" --edits "${POLICY_EDITS:-20}" --out "$root/target/bench/policy_writer.json"
 
 echo "== lab: up to Ready, pod create to Running"
 "$root/scripts/bench-lab.sh"
+
+echo "== lab: connection rate between pods on two nodes, without and with 1 000 policies (--vm never, IPIP Never)"
+"$target/release/bench-connrate" --seconds "${CONNRATE_SECONDS:-10}" --out "$root/target/bench/connrate.json"
 
 echo "== reports in $root/target/bench/"

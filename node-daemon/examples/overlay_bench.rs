@@ -5,8 +5,11 @@
 //!    a Node event (create) to its route being in the kernel (median, p95), the daemon's CPU per
 //!    idle full resync, its RSS.
 //!
+//! Prints tables and writes them as JSON (default `target/bench/overlay.json`).
+//!
 //! Run: `cargo build --release -p node-daemon --bins --examples &&
-//!       target/release/examples/overlay_bench` (with CARGO_TARGET_DIR as set for the build).
+//!       target/release/examples/overlay_bench [WARREN_NODE] [--out PATH]` (with CARGO_TARGET_DIR as
+//!       set for the build; WARREN_NODE defaults to the warren-node next to the examples directory).
 
 // A benchmark may unwrap: a panic shows the error.
 #![allow(clippy::unwrap_used)]
@@ -22,9 +25,35 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use node_daemon::netlink::{sync_routes, KernelRoute, Netlink, RouteOps};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const INNER: &str = "WARREN_OVERLAY_BENCH_INNER";
+
+/// `[WARREN_NODE] [--out PATH]`.
+struct Args {
+    daemon: Option<PathBuf>,
+    out: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        daemon: None,
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/overlay.json")),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        if x == "--out" {
+            a.out = PathBuf::from(it.next().expect("--out needs a path"));
+        } else {
+            a.daemon = Some(PathBuf::from(x));
+        }
+    }
+    a
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
 
 fn sh(args: &[&str]) {
     let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -119,9 +148,18 @@ async fn inner() {
     println!("| programmed from cold | {cold:.1?} | {cold_cpu:.1?} |");
     println!("| no-op resync (dump + diff) | {noop:.1?} | {noop_cpu:.1?} (10 ms ticks) |");
     println!();
+    let routes_json = json!({
+        "routes": 5000,
+        "cold_ms": ms(cold),
+        "cold_cpu_ms": ms(cold_cpu),
+        "noop_resync_ms": ms(noop),
+        "noop_resync_cpu_ms": ms(noop_cpu),
+    });
+    let mut daemon_rows: Vec<Value> = vec![];
 
     // 2. The daemon, event to route.
-    let daemon_bin = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| {
+    let args = parse_args();
+    let daemon_bin = args.daemon.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .unwrap()
             .parent()
@@ -236,6 +274,16 @@ async fn inner() {
                 format!("{:.1?}", d / 5)
             }
         };
+        daemon_rows.push(json!({
+            "nodes": n,
+            "event_to_route_ms_p50": ms(percentile(&lat, 0.5)),
+            "event_to_route_ms_p95": ms(percentile(&lat, 0.95)),
+            "events": lat.len(),
+            "cpu_per_idle_resync_self_ms": ms((s1 - s0) / 5),
+            "cpu_per_idle_resync_children_ms": ms((c1 - c0) / 5),
+            "rss_idle_kib": proc_kib(pid, "VmRSS:"),
+            "rss_peak_kib": proc_kib(pid, "VmHWM:"),
+        }));
         println!(
             "| {n} | {:.1?} | {:.1?} | {} + {} | {} KiB | {} KiB |",
             percentile(&lat, 0.5),
@@ -254,4 +302,18 @@ async fn inner() {
         // The next round starts from an empty dataplane.
         sync_routes(&net, &[]).await.unwrap();
     }
+    let doc = json!({
+        "bench": "overlay",
+        "peer_routes": routes_json,
+        "daemon": daemon_rows,
+        "note": "CPU from /proc in 10 ms ticks: per idle resync the resolution is 2 ms (0 means < 2 ms)",
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+    println!(
+        "wrote {}",
+        args.out.canonicalize().unwrap_or(args.out.clone()).display()
+    );
 }
