@@ -397,6 +397,8 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     );
     w.runner().take();
 
+    // Edits arrive between resyncs: warren-node diffs them against what it wrote last.
+    w.read_back = false;
     let mut totals = vec![];
     let mut applies = vec![];
     let mut compiles = vec![];
@@ -415,6 +417,16 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
         ensure!(!rep.changed.is_empty(), "edit {i} changed nothing in the kernel");
         breakdowns.push(with_in_process(w.runner().take(), apply));
     }
+    // The next resync reads the kernel back: it must hold exactly what the edits meant.
+    w.read_back = true;
+    let (d, _) = compiled(&m)?;
+    let rep = w.apply(&d, true)?;
+    ensure!(
+        rep.changed.is_empty(),
+        "the kernel differs after the edits: {:?}",
+        rep.changed
+    );
+    w.runner().take();
     let (tp50, tp95) = p50_p95_ms(&totals);
     let (ap50, ap95) = p50_p95_ms(&applies);
     let (cp50, _) = p50_p95_ms(&compiles);
@@ -484,6 +496,8 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
     w.apply(&desired, true)?;
     let (_, table_rules, _, _) = kernel_counts(&w)?;
     w.runner().take();
+    // A new pod arrives between resyncs: warren-node diffs it against what it wrote last.
+    w.read_back = false;
 
     let mut r = Lcg(7);
     let mut applies = vec![];

@@ -67,8 +67,8 @@ struct RunArgs {
     ipip_mode: String,
     /// Pod and tunl0 MTU, or `auto` (also `0` or empty): the underlay MTU − 20, or the
     /// underlay MTU in mode Never.
-    #[arg(long, env = "WARREN_MTU", default_value = "auto", value_parser = parse_mtu)]
-    mtu: Option<u32>,
+    #[arg(long, env = "WARREN_MTU", default_value = "auto")]
+    mtu: String,
     #[arg(long, env = "WARREN_NAT_OUTGOING", default_value_t = true, action = clap::ArgAction::Set)]
     nat_outgoing: bool,
     #[arg(long, env = "WARREN_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
@@ -137,7 +137,7 @@ impl RunArgs {
             pool: parse_pool(&self.pool)?,
             block_prefix: self.block_size,
             ipip_mode: self.ipip_mode.parse()?,
-            mtu: self.mtu,
+            mtu: parse_mtu(&self.mtu).map_err(anyhow::Error::msg)?,
             nat_outgoing: self.nat_outgoing,
             cni_conf_dir: self.cni_conf_dir.clone(),
             cni_bin_dir: self.cni_bin_dir.clone(),
@@ -222,10 +222,10 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let runner = ExecRunner::new();
     let backend = backend::detect(&runner, cfg.iptables_backend);
-    let mut rec = Reconciler {
+    let mut rec = Reconciler::new(
         net,
-        writer: Writer::new(runner, backend),
-        local: LocalNode {
+        Writer::new(runner, backend),
+        LocalNode {
             name: cfg.node_name.clone(),
             block,
             ip,
@@ -235,8 +235,8 @@ async fn run(args: RunArgs) -> Result<()> {
             pool: cfg.pool,
             nat_outgoing: cfg.nat_outgoing,
         },
-        metrics: metrics.clone(),
-    };
+        metrics.clone(),
+    );
 
     let changed = Arc::new(Notify::new());
     let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone());

@@ -45,6 +45,9 @@ pub struct Reconciler<N: RouteOps + LinkOps, C: CommandRunner> {
     pub writer: Writer<C>,
     pub local: LocalNode,
     pub metrics: Arc<Metrics>,
+    /// The routes the last successful pass left in the kernel: a route still desired the same
+    /// that had to be written again was changed by someone else (drift).
+    programmed_routes: Option<BTreeSet<KernelRoute>>,
 }
 
 /// What one pass did (for logs and tests).
@@ -57,6 +60,16 @@ pub struct Outcome {
 }
 
 impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
+    pub fn new(net: N, writer: Writer<C>, local: LocalNode, metrics: Arc<Metrics>) -> Self {
+        Self {
+            net,
+            writer,
+            local,
+            metrics,
+            programmed_routes: None,
+        }
+    }
+
     /// Routes first (they carry pod traffic), then the packet filter. `extra` is what other parts
     /// (policy) want in the filter; `sweep` allows removing stale warren objects.
     pub async fn reconcile(
@@ -84,7 +97,24 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             .fetch_add(micros, Ordering::Relaxed);
         self.metrics.route_sync_micros_last.store(micros, Ordering::Relaxed);
         Metrics::inc(&self.metrics.route_syncs);
-        let report = res.inspect_err(|_| Metrics::inc(&self.metrics.route_sync_errors))?;
+        let report = res.inspect_err(|_| {
+            Metrics::inc(&self.metrics.route_sync_errors);
+            self.programmed_routes = None;
+        })?;
+        let now: BTreeSet<KernelRoute> = kernel.iter().copied().collect();
+        let mut route_drift: Vec<String> = Vec::new();
+        if let Some(before) = &self.programmed_routes {
+            let wanted_before = |dst: &Ipv4Net| now.iter().find(|r| r.dst == *dst).is_some_and(|r| before.contains(r));
+            // Rewritten although desired as before: deleted or altered behind our back.
+            route_drift.extend(
+                report
+                    .replaced
+                    .iter()
+                    .filter(|d| wanted_before(d))
+                    .map(|d| format!("route {d}")),
+            );
+        }
+        self.programmed_routes = Some(now);
         self.metrics.routes.store(kernel.len() as u64, Ordering::Relaxed);
         self.metrics.ready.store(true, Ordering::Relaxed);
 
@@ -119,17 +149,19 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             .fetch_add(micros, Ordering::Relaxed);
         Metrics::inc(&self.metrics.dataplane_applies);
         let applied = applied.inspect_err(|_| Metrics::inc(&self.metrics.dataplane_apply_errors))?;
-        if !applied.drifted.is_empty() {
+        let mut drifted = route_drift;
+        drifted.extend(applied.drifted);
+        if !drifted.is_empty() {
             self.metrics
                 .drift_repairs
-                .fetch_add(applied.drifted.len() as u64, Ordering::Relaxed);
-            tracing::warn!(drifted = ?applied.drifted, "repaired dataplane drift");
+                .fetch_add(drifted.len() as u64, Ordering::Relaxed);
+            tracing::warn!(drifted = ?drifted, "repaired dataplane drift");
         }
         Ok(Outcome {
             routes: report.total,
             routes_changed: report.replaced.len() + report.deleted.len(),
             dataplane_changed: applied.changed,
-            drifted: applied.drifted,
+            drifted,
         })
     }
 }
@@ -151,10 +183,10 @@ mod tests {
 
     #[tokio::test]
     async fn should_program_tunnel_routes_and_filter_then_follow_node_changes() {
-        let mut r = Reconciler {
-            net: FakeNet::default(),
-            writer: Writer::new(FakeKernel::new(), Backend::nft()),
-            local: LocalNode {
+        let mut r = Reconciler::new(
+            FakeNet::default(),
+            Writer::new(FakeKernel::new(), Backend::nft()),
+            LocalNode {
                 name: "node1".into(),
                 block: "10.233.90.0/24".parse().unwrap(),
                 ip: Some("10.102.123.117".parse().unwrap()),
@@ -164,8 +196,8 @@ mod tests {
                 pool: "10.233.64.0/18".parse().unwrap(),
                 nat_outgoing: true,
             },
-            metrics: Arc::new(Metrics::default()),
-        };
+            Arc::new(Metrics::default()),
+        );
         let mut nodes = vec![
             node("node1", "10.102.123.117", "10.233.90.0/24"),
             node("node2", "10.102.123.104", "10.233.96.0/24"),
@@ -187,6 +219,17 @@ mod tests {
         let hosts = r.writer.runner().set_members("warren-all-hosts").unwrap();
         assert_eq!(hosts.len(), 3);
         assert!(r.metrics.ready.load(Ordering::Relaxed));
+
+        // A route deleted behind warren's back is put back, named and counted as drift.
+        r.net
+            .routes
+            .lock()
+            .unwrap()
+            .retain(|x| x.dst != "10.233.96.0/24".parse::<Ipv4Net>().unwrap());
+        let o = r.reconcile(&nodes, None, false).await.unwrap();
+        assert_eq!(o.drifted, vec!["route 10.233.96.0/24".to_string()]);
+        assert_eq!(r.metrics.drift_repairs.load(Ordering::Relaxed), 1);
+        assert_eq!(r.net.routes.lock().unwrap().len(), 2);
 
         nodes.retain(|n| n.name != "node3");
         let o = r.reconcile(&nodes, None, true).await.unwrap();

@@ -22,10 +22,10 @@ use serde_json::json;
 const NODE: &str = "node1";
 
 fn reconciler() -> Reconciler<FakeNet, FakeKernel> {
-    Reconciler {
-        net: FakeNet::default(),
-        writer: Writer::new(FakeKernel::new(), Backend::nft()),
-        local: LocalNode {
+    Reconciler::new(
+        FakeNet::default(),
+        Writer::new(FakeKernel::new(), Backend::nft()),
+        LocalNode {
             name: NODE.into(),
             block: "10.233.90.0/24".parse().unwrap(),
             ip: Some("10.102.123.117".parse().unwrap()),
@@ -35,8 +35,8 @@ fn reconciler() -> Reconciler<FakeNet, FakeKernel> {
             pool: "10.233.64.0/18".parse().unwrap(),
             nat_outgoing: true,
         },
-        metrics: Arc::new(Metrics::default()),
-    }
+        Arc::new(Metrics::default()),
+    )
 }
 
 fn nodes() -> Vec<NodeInfo> {

@@ -14,7 +14,7 @@ pub mod iptables;
 
 use std::collections::BTreeMap;
 
-use conf::dataplane::{DesiredDataplane, Hook, Table};
+use conf::dataplane::{DesiredDataplane, Hook};
 
 pub use backend::Backend;
 pub use cmd::{CmdError, CommandRunner, ExecRunner};
@@ -190,7 +190,7 @@ fn unchanged_since(last: &DesiredDataplane, now: &DesiredDataplane, item: &str) 
 mod tests {
     use super::fake::{FailFlags, FakeKernel};
     use super::*;
-    use conf::dataplane::IpSetSpec;
+    use conf::dataplane::{IpSetSpec, Table};
 
     fn desired() -> DesiredDataplane {
         let mut d = DesiredDataplane::default();
