@@ -74,4 +74,26 @@ impl LabConfig {
     pub fn control_plane(&self) -> Option<&NodeSpec> {
         self.nodes.first()
     }
+
+    /// Where `up --manifest FILE` leaves the manifest for the controller (inside the VM too).
+    pub fn manifest_override_path(state_dir: &Path) -> PathBuf {
+        state_dir.join("warren.yaml")
+    }
+
+    /// The manifest warren-node runs from: the `up --manifest` copy, else the built-in
+    /// deploy/warren.yaml.
+    pub fn manifest_text(&self) -> Result<String> {
+        let p = Self::manifest_override_path(&self.state_dir);
+        match std::fs::read_to_string(&p) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(crate::manifest::BUILTIN.to_string()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    /// What the kubelet mounts at the service account path of the warren-node pods: the API
+    /// stand-in's token and CA, and the namespace.
+    pub fn service_account_dir(&self) -> PathBuf {
+        self.state_dir.join("serviceaccount")
+    }
 }

@@ -53,7 +53,23 @@ pub enum Request {
         #[serde(default)]
         extra_args: Option<Vec<String>>,
     },
+    /// Starts a real warren-node for each of `nodes` (new Nodes, no podCIDR, no block annotation,
+    /// each in a namespace on the lab switch) in the same instant; replies with the blocks they
+    /// claimed ([`crate::extranode::Race`]) after removing the nodes again.
+    BlockRace {
+        nodes: Vec<String>,
+        /// One-way delay (tc netem) on the extra nodes' links: it stretches each daemon's
+        /// list → write window past the spread of their start-up, so the claims overlap.
+        #[serde(default)]
+        latency_ms: u64,
+        #[serde(default = "default_race_timeout_ms")]
+        timeout_ms: u64,
+    },
     Shutdown,
+}
+
+fn default_race_timeout_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

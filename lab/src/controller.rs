@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -64,6 +64,8 @@ pub struct Lab {
     failures: Mutex<HashMap<String, (Instant, String)>>,
     /// Extra warren-node flags per node (set through the control channel's Restart).
     node_args: Mutex<HashMap<String, Vec<String>>>,
+    /// The API stand-in (set once it runs), for outages through the control channel's Restart.
+    api: std::sync::OnceLock<Arc<crate::apistandin::ApiStandIn>>,
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -380,7 +382,7 @@ impl Lab {
     }
 
     fn start_kube_proxy(&self, node: &NodeSpec) -> Result<()> {
-        let argv = vec![
+        let mut argv = vec![
             self.cfg.exe.to_string_lossy().into_owned(),
             "__kube-proxy".into(),
             "--node".into(),
@@ -394,6 +396,12 @@ impl Lab {
             "--kubeconfig".into(),
             self.cfg.node_kubeconfig().to_string_lossy().into_owned(),
         ];
+        // Seed 000's IPVS cluster masqueraded pods' ClusterIP connections too (bar reached the
+        // dashboard by its service name once the tunl0 addresses were whitelisted), which
+        // kube-proxy does with masqueradeAll.
+        if self.cfg.proxy_mode == "ipvs" {
+            argv.push("--masquerade-all".into());
+        }
         let cmd = nodectx::node_command(&self.cfg.exe, &node.netns(), self.node_binds(&node.name), &argv);
         self.spawn_child(&format!("kube-proxy-{}", node.name), cmd)
     }
@@ -410,42 +418,94 @@ impl Lab {
         Ok(())
     }
 
-    /// warren-node as its DaemonSet runs it: `install-cni` first (the init container), then the daemon,
-    /// both in the node's context so they see the node's own CNI directories.
+    /// warren-node as the DaemonSet of deploy/warren.yaml (or `up --manifest`) runs it: its init
+    /// containers, then its daemon container, with the command, args, env and host mounts the
+    /// kubelet would give them, in the node's context. `install` = a new pod (init containers
+    /// run); otherwise a container restart. The per-node extra flags come after the manifest's args.
     fn start_warren_node(&self, node: &NodeSpec, install: bool) -> Result<()> {
-        let bin = self.cfg.bin_dir.join("warren-node").to_string_lossy().into_owned();
-        let binds = self.node_binds(&node.name);
+        let plan = self.warren_node_plan(node)?;
+        let node_dirs = self.node_binds(&node.name);
+        for m in plan.host_paths() {
+            prepare_host_path(&crate::manifest::node_source(&m.host_path, node_dirs), m.kind)
+                .with_context(|| format!("volume {} of {} on {}", m.volume, plan.pod_name, node.name))?;
+        }
+        let sa = if plan.automount_token {
+            Some(self.write_service_account(&plan.namespace)?)
+        } else {
+            None
+        };
+        let home = self.cfg.state_dir.join("image-home");
+        std::fs::create_dir_all(&home)?;
+        let image = crate::manifest::ImageDirs {
+            bin: &self.cfg.bin_dir,
+            home: &home,
+        };
+        let command = |c: &crate::manifest::ContainerPlan, argv: &[String]| -> Result<Command> {
+            let binds = c.binds(&image, node_dirs, sa.as_deref())?;
+            let mut cmd = nodectx::node_command(&self.cfg.exe, &node.netns(), &binds, argv);
+            cmd.env_clear().envs(c.env.iter().map(|(k, v)| (k, v)));
+            Ok(cmd)
+        };
         if install {
-            let argv = vec![
-                bin.clone(),
-                "install-cni".into(),
-                "--source-dir".into(),
-                self.cfg.bin_dir.to_string_lossy().into_owned(),
-            ];
-            let out = nodectx::node_command(&self.cfg.exe, &node.netns(), binds, &argv).output()?;
-            if !out.status.success() {
-                bail!(
-                    "warren-node install-cni on {}: {}",
-                    node.name,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+            for c in &plan.init {
+                let out = command(c, &c.argv)?
+                    .output()
+                    .with_context(|| format!("starting init container {} on {}", c.name, node.name))?;
+                if !out.status.success() {
+                    bail!(
+                        "init container {} ({}) on {}: {}",
+                        c.name,
+                        c.argv.join(" "),
+                        node.name,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
             }
         }
-        let mut argv = vec![
-            bin,
-            "run".into(),
-            "--kubeconfig".into(),
-            self.cfg.node_kubeconfig().to_string_lossy().into_owned(),
-            "--node-name".into(),
-            node.name.clone(),
-            "--ipip-mode".into(),
-            self.cfg.ipip_mode.clone(),
-        ];
+        let mut argv = plan.main.argv.clone();
         if let Some(extra) = self.node_args.lock().map_err(|_| anyhow!("poisoned"))?.get(&node.name) {
             argv.extend(extra.iter().cloned());
         }
-        let cmd = nodectx::node_command(&self.cfg.exe, &node.netns(), binds, &argv);
+        let cmd = command(&plan.main, &argv)?;
         self.spawn_child(&format!("warren-node-{}", node.name), cmd)
+    }
+
+    /// The warren-node pod of `node`, read afresh from the manifest at each start (so an edited
+    /// `up --manifest` copy takes effect at the next restart, as after a rollout). The lab's
+    /// `--ipip-mode` is applied as a user would: by editing the ConfigMap's value.
+    fn warren_node_plan(&self, node: &NodeSpec) -> Result<crate::manifest::LaunchPlan> {
+        use crate::manifest::{Manifest, PodContext};
+        let cp = self.cfg.control_plane().context("the lab has no nodes")?;
+        let pod = PodContext {
+            node_name: node.name.clone(),
+            host_ip: node.ip.to_string(),
+            // The lab has no `kubernetes` Service ClusterIP; its endpoint (the control plane's
+            // :6443, what kube-proxy would DNAT that ClusterIP to) stands in for it.
+            api_host: cp.ip.to_string(),
+            api_port: topology::API_PORT,
+        };
+        let mut manifest = Manifest::parse(&self.cfg.manifest_text()?).context("the warren-node manifest")?;
+        let plan = manifest.plan(&pod).context("the warren-node manifest")?;
+        if plan.main.env_value("WARREN_IPIP_MODE").unwrap_or("Always") == self.cfg.ipip_mode {
+            return Ok(plan);
+        }
+        manifest
+            .set_daemon_env("WARREN_IPIP_MODE", &self.cfg.ipip_mode)
+            .context("applying the lab's --ipip-mode to the manifest")?;
+        Ok(manifest.plan(&pod)?)
+    }
+
+    /// The service account files the kubelet would mount: the API stand-in's token and CA.
+    fn write_service_account(&self, namespace: &str) -> Result<PathBuf> {
+        let api = self.cfg.state_dir.join("api");
+        let dir = self.cfg.service_account_dir();
+        std::fs::create_dir_all(&dir)?;
+        for f in ["token", "ca.crt"] {
+            let data = std::fs::read(api.join(f)).with_context(|| format!("reading the API stand-in's {f}"))?;
+            std::fs::write(dir.join(f), data)?;
+        }
+        std::fs::write(dir.join("namespace"), namespace)?;
+        Ok(dir)
     }
 
     /// Until warren-node runs on the nodes, the lab installs the CNI plugin and writes the conflist
@@ -503,6 +563,31 @@ impl Lab {
     }
 }
 
+/// The kubelet's hostPath type check: create what `…OrCreate` asks for, refuse what is missing.
+fn prepare_host_path(path: &std::path::Path, kind: crate::manifest::HostPathType) -> Result<()> {
+    use crate::manifest::HostPathType as T;
+    match kind {
+        T::Unchecked => {}
+        T::DirectoryOrCreate => {
+            std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?
+        }
+        T::FileOrCreate => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        T::Directory if !path.is_dir() => bail!("hostPath type check failed: {} is not a directory", path.display()),
+        T::File if !path.is_file() => bail!("hostPath type check failed: {} is not a file", path.display()),
+        T::Directory | T::File => {}
+    }
+    Ok(())
+}
+
 /// SIGTERM first, as kubelet stops a container, then SIGKILL after a grace period.
 fn stop_child(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
@@ -536,21 +621,6 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Forwards connections made to node1's address inside node1's namespace to the API stand-in,
-/// so node processes reach `https://<node1>:6443` as in a kubeadm cluster.
-async fn serve_api_on_node(node: NodeSpec, api: SocketAddr) -> Result<()> {
-    let l = netns::listener_in(&node.netns(), SocketAddr::new(IpAddr::V4(node.ip), topology::API_PORT))?;
-    let l = tokio::net::TcpListener::from_std(l)?;
-    loop {
-        let (mut inbound, _) = l.accept().await?;
-        tokio::spawn(async move {
-            if let Ok(mut out) = tokio::net::TcpStream::connect(api).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-            }
-        });
-    }
-}
-
 /// Entry point of `warren-lab __controller`.
 pub async fn run(cfg: LabConfig) -> Result<()> {
     let t0 = Instant::now();
@@ -567,6 +637,7 @@ pub async fn run(cfg: LabConfig) -> Result<()> {
         children: Mutex::new(Vec::new()),
         failures: Mutex::new(HashMap::new()),
         node_args: Mutex::new(HashMap::new()),
+        api: std::sync::OnceLock::new(),
     });
     let res = run_inner(lab.clone(), t0).await;
     info!("controller stopping: tearing the lab down");
@@ -588,36 +659,32 @@ async fn run_inner(lab: Arc<Lab>, t0: Instant) -> Result<()> {
     let api_dir = cfg.state_dir.join("api");
     let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
     sans.extend(cfg.nodes.iter().map(|n| n.ip.to_string()));
-    let server = lab_apiserver::Server::start(lab_apiserver::Config {
-        listen: cfg.api_bind,
-        state_dir: api_dir,
-        token: None,
-        extra_sans: sans,
-    })
-    .await
-    .map_err(|e| anyhow!("starting the API stand-in: {e}"))?;
-    let bound: SocketAddr = server.url().trim_start_matches("https://").parse().context("API url")?;
-    let local = SocketAddr::new(IpAddr::from([127, 0, 0, 1]), bound.port());
+    // Node processes reach the stand-in at https://<control-plane node>:6443, as in a kubeadm cluster.
+    let server = crate::apistandin::ApiStandIn::start(
+        lab_apiserver::Config {
+            listen: cfg.api_bind,
+            state_dir: api_dir,
+            token: None,
+            extra_sans: sans,
+        },
+        cfg.control_plane().cloned(),
+    )
+    .await?;
     server
-        .write_kubeconfig(&cfg.local_kubeconfig(), Some(&format!("https://{local}")))
-        .map_err(|e| anyhow!("{e}"))?;
+        .write_kubeconfig(&cfg.local_kubeconfig(), &server.local_url())
+        .await?;
     server
-        .write_kubeconfig(&cfg.host_kubeconfig(), Some(&format!("https://{}", cfg.host_api)))
-        .map_err(|e| anyhow!("{e}"))?;
+        .write_kubeconfig(&cfg.host_kubeconfig(), &format!("https://{}", cfg.host_api))
+        .await?;
     if let Some(cp) = cfg.control_plane() {
         server
             .write_kubeconfig(
                 &cfg.node_kubeconfig(),
-                Some(&format!("https://{}:{}", cp.ip, topology::API_PORT)),
+                &format!("https://{}:{}", cp.ip, topology::API_PORT),
             )
-            .map_err(|e| anyhow!("{e}"))?;
-        let cp = cp.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_api_on_node(cp, local).await {
-                warn!("API forwarder on the control-plane node stopped: {e:#}");
-            }
-        });
+            .await?;
     }
+    let _ = lab.api.set(Arc::new(server));
     let client = client_from(&cfg.local_kubeconfig()).await?;
     bootstrap_objects(&client, &cfg).await?;
     for node in &cfg.nodes {
@@ -1159,6 +1226,14 @@ async fn handle(lab: Arc<Lab>, store: reflector::Store<Pod>, client: Client, req
             down_ms,
             extra_args,
         } => {
+            if component == "apiserver" {
+                let api = lab
+                    .api
+                    .get()
+                    .ok_or_else(|| anyhow!("the API stand-in is not running"))?;
+                let outage = api.restart(Duration::from_millis(down_ms)).await?;
+                return Ok(json!({"restarted": "apiserver", "outage_ms": outage.as_millis()}));
+            }
             let n = lab.node(&node)?.clone();
             match component.as_str() {
                 "warren-node" => {
@@ -1181,9 +1256,27 @@ async fn handle(lab: Arc<Lab>, store: reflector::Store<Pod>, client: Client, req
                     tokio::time::sleep(Duration::from_millis(down_ms)).await;
                     lab.start_kube_proxy(&n)?;
                 }
-                other => bail!("cannot restart {other:?} (warren-node, kube-proxy)"),
+                other => bail!("cannot restart {other:?} (warren-node, kube-proxy, apiserver)"),
             }
             Ok(json!("restarted"))
+        }
+        Request::BlockRace {
+            nodes,
+            latency_ms,
+            timeout_ms,
+        } => {
+            let mut taken: Vec<Ipv4Addr> = lab.cfg.nodes.iter().map(|n| n.ip).collect();
+            taken.extend(
+                lab.hosts
+                    .lock()
+                    .map_err(|_| anyhow!("poisoned"))?
+                    .values()
+                    .map(|h| h.ip),
+            );
+            let timeout = Duration::from_millis(timeout_ms);
+            let latency = Duration::from_millis(latency_ms);
+            let race = crate::extranode::race_blocks(&lab.cfg, &client, &nodes, &taken, latency, timeout).await?;
+            Ok(serde_json::to_value(race)?)
         }
         Request::Shutdown => Ok(json!("stopping")),
     }

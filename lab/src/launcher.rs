@@ -47,7 +47,8 @@ pub async fn status(state_dir: &Path) -> Result<Value> {
     control::call(cfg.host_ctl, &Request::Status, Duration::from_secs(20)).await
 }
 
-pub async fn up(opts: UpOptions) -> Result<()> {
+/// Brings the lab up; returns the summary to show (nodes, addresses, blocks, kubeconfig).
+pub async fn up(opts: UpOptions) -> Result<String> {
     let t0 = Instant::now();
     if LabConfig::path(&opts.state_dir).exists() {
         if status(&opts.state_dir).await.is_ok() {
@@ -191,21 +192,21 @@ pub async fn up(opts: UpOptions) -> Result<()> {
     wait_nodes_ready(&cfg, deadline).await?;
     let ready = t0.elapsed().as_secs_f64();
     std::fs::write(opts.state_dir.join("up-seconds"), format!("{ready:.2}")).ok();
-    println!(
-        "warren-lab: {} nodes Ready in {ready:.1}s ({}; kube-proxy {}; IPIP {})",
+    let mut summary = format!(
+        "warren-lab: {} nodes Ready in {ready:.1}s ({}; kube-proxy {}; IPIP {})\n",
         cfg.nodes.len(),
         if in_vm { "micro-VM" } else { "this kernel" },
         cfg.proxy_mode,
         cfg.ipip_mode
     );
     for n in &cfg.nodes {
-        println!("  {:<8} {:<16} block {}", n.name, n.ip, n.block);
+        summary.push_str(&format!("  {:<8} {:<16} block {}\n", n.name, n.ip, n.block));
     }
-    println!(
-        "  kubectl: warren-lab kubectl -- get nodes   (kubeconfig {})",
+    summary.push_str(&format!(
+        "  kubectl: warren-lab kubectl -- get nodes   (kubeconfig {})\n",
         cfg.host_kubeconfig().display()
-    );
-    Ok(())
+    ));
+    Ok(summary)
 }
 
 fn log_hint(state_dir: &Path, in_vm: bool) -> String {

@@ -1,12 +1,15 @@
 //! warren-lab: a Kubernetes cluster of network namespaces on one machine (inside a micro-VM where
 //! the kernel lacks `ipip`), running warren's own binaries the way a real cluster does.
 
+pub mod apistandin;
 pub mod cni;
 pub mod config;
 pub mod control;
 pub mod controller;
+pub mod extranode;
 pub mod kubeproxy;
 pub mod launcher;
+pub mod manifest;
 pub mod netns;
 pub mod nodectx;
 pub mod podserve;

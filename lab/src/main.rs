@@ -42,6 +42,10 @@ enum Cmd {
         /// Do not run warren-node; the lab writes each node's CNI configuration itself.
         #[arg(long)]
         no_warren_node: bool,
+        /// Run warren-node from this manifest's DaemonSet and ConfigMap instead of the built-in
+        /// deploy/warren.yaml.
+        #[arg(long, conflicts_with = "no_warren_node")]
+        manifest: Option<PathBuf>,
     },
     /// Show nodes, pods and outside hosts.
     Status {
@@ -91,11 +95,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Restart a node component (warren-node, kube-proxy), as a DaemonSet rollout would.
+    /// Restart a node component (warren-node, kube-proxy), as a DaemonSet rollout would; or
+    /// `restart apiserver`: an outage of the API stand-in (connections and watches cut, back on the
+    /// same address with the same objects after --down-ms).
     Restart {
-        /// node:NAME
+        /// node:NAME, or `apiserver`
         node: String,
-        component: String,
+        /// warren-node or kube-proxy (none for `apiserver`)
+        component: Option<String>,
         /// How long the component stays down.
         #[arg(long, default_value_t = 0)]
         down_ms: u64,
@@ -155,6 +162,9 @@ enum Cmd {
         node_ip: std::net::IpAddr,
         #[arg(long)]
         cluster_cidr: Option<ipnet::IpNet>,
+        /// kube-proxy's --masquerade-all: SNAT every connection to a service.
+        #[arg(long)]
+        masquerade_all: bool,
         #[arg(long, default_value = "iptables")]
         mode: String,
         #[arg(long)]
@@ -230,6 +240,34 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Checks `up --manifest FILE` before anything starts and leaves a copy in the state directory,
+/// where the controller (in the micro-VM too) reads it. A stale lab is cleaned up first, as
+/// `up` would, so that its removal does not take the copy with it.
+async fn stage_manifest(state_dir: &std::path::Path, path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let probe = lab::manifest::PodContext {
+        node_name: "node1".into(),
+        host_ip: "127.0.0.1".into(),
+        api_host: "127.0.0.1".into(),
+        api_port: 6443,
+    };
+    lab::manifest::Manifest::parse(&text)
+        .and_then(|m| m.plan(&probe))
+        .with_context(|| format!("the lab cannot run warren-node from {}", path.display()))?;
+    if LabConfig::path(state_dir).exists() {
+        if launcher::status(state_dir).await.is_ok() {
+            bail!(
+                "a lab is already up (state in {}); run `warren-lab down` first",
+                state_dir.display()
+            );
+        }
+        launcher::down(state_dir).await.ok();
+    }
+    std::fs::create_dir_all(state_dir)?;
+    let dst = LabConfig::manifest_override_path(state_dir);
+    std::fs::write(&dst, text).with_context(|| format!("writing {}", dst.display()))
+}
+
 async fn ctl(state_dir: &std::path::Path, req: Request, timeout: Duration) -> Result<Value> {
     let cfg = LabConfig::load(state_dir)?;
     control::call(cfg.host_ctl, &req, timeout).await
@@ -245,7 +283,11 @@ async fn run(cli: Cli) -> Result<i32> {
             proxy_mode,
             cache_dir,
             no_warren_node,
+            manifest,
         } => {
+            if let Some(m) = &manifest {
+                stage_manifest(&sd, m).await?;
+            }
             launcher::up(UpOptions {
                 nodes,
                 vm,
@@ -255,7 +297,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 cache_dir,
                 warren_node: !no_warren_node,
             })
-            .await?;
+            .await
+            .map(|summary| print!("{summary}"))?;
             Ok(0)
         }
         Cmd::Status { json } => {
@@ -365,14 +408,18 @@ async fn run(cli: Cli) -> Result<i32> {
             down_ms,
             args,
         } => {
-            let node = node.strip_prefix("node:").unwrap_or(&node).to_string();
+            let (node, component) = match (node.as_str(), component) {
+                ("apiserver", None) => (String::new(), "apiserver".to_string()),
+                (_, Some(c)) => (node.strip_prefix("node:").unwrap_or(&node).to_string(), c),
+                (n, None) => bail!("restart {n}: which component? (warren-node, kube-proxy; or `restart apiserver`)"),
+            };
             let req = Request::Restart {
                 node,
                 component,
                 down_ms,
                 extra_args: args,
             };
-            ctl(&sd, req, Duration::from_secs(120)).await?;
+            ctl(&sd, req, Duration::from_secs(120) + Duration::from_millis(down_ms)).await?;
             Ok(0)
         }
         Cmd::Scenario {
@@ -420,12 +467,14 @@ async fn run(cli: Cli) -> Result<i32> {
             node,
             node_ip,
             cluster_cidr,
+            masquerade_all,
             mode,
             kubeconfig,
         } => {
             let mode: lab::kubeproxy::Mode = mode.parse().map_err(anyhow::Error::msg)?;
             let client = lab::controller::client_from(&kubeconfig).await?;
-            lab::kubeproxy::controller::run_proxy_mode(client, mode, node, vec![node_ip], cluster_cidr).await?;
+            lab::kubeproxy::controller::run_proxy_mode(client, mode, node, vec![node_ip], cluster_cidr, masquerade_all)
+                .await?;
             Ok(0)
         }
         Cmd::InNode { .. } | Cmd::Serve { .. } => Ok(0),

@@ -725,6 +725,10 @@ pub async fn run_tekton(
             warren_node: true,
         })
         .await;
+        // stdout carries the report (JSON with --json): the lab's summary goes to stderr.
+        if let Ok(summary) = &up {
+            eprint!("{summary}");
+        }
         if let Err(e) = up {
             // A half-started lab (VM, namespaces) must not outlive the failed run.
             if let Err(d) = launcher::down(state_dir).await {
@@ -808,13 +812,12 @@ async fn run_in_lab(state_dir: &Path, data: &ScenarioData, opts: &ScenarioOption
         }
         eprintln!("scenario: {} — {}", exp.id, exp.title);
         let mut enotes = Vec::new();
-        kubectl(
-            &cfg,
-            &["delete", "networkpolicy", "--all", "-n", &data.spec.target.namespace],
-        )?;
+        // The experiment's policies go in first and the previous ones leave after: deleting first
+        // would leave the dashboard unisolated for a moment, and a probe then would see that.
         for p in &exp.policies {
             kubectl_apply(&cfg, &work, data, p)?;
         }
+        prune_policies(&cfg, data, &exp.policies)?;
         let patch = format!(
             r#"{{"spec":{{"externalTrafficPolicy":"{}"}}}}"#,
             exp.external_traffic_policy
@@ -834,7 +837,11 @@ async fn run_in_lab(state_dir: &Path, data: &ScenarioData, opts: &ScenarioOption
             ],
         )?;
         if nodeport_policy.as_deref() != Some(exp.nodeport_policy.as_str()) {
-            enotes.extend(set_nodeport_policy(&cfg, &exp.nodeport_policy).await);
+            let notes = set_nodeport_policy(&cfg, &exp.nodeport_policy).await;
+            if notes.is_empty() {
+                enotes.extend(wait_daemons(&cfg, &exp.nodeport_policy, opts.converge_timeout).await);
+            }
+            enotes.extend(notes);
             nodeport_policy = Some(exp.nodeport_policy.clone());
         }
         let converged = converge(&cfg, data, &mode, exp, opts).await;
@@ -857,6 +864,72 @@ async fn run_in_lab(state_dir: &Path, data: &ScenarioData, opts: &ScenarioOption
 
 fn kubectl(cfg: &LabConfig, args: &[&str]) -> anyhow::Result<String> {
     crate::kubectl_output(cfg, args)
+}
+
+/// Deletes the target namespace's NetworkPolicies that none of `keep` (the experiment's files)
+/// defines.
+fn prune_policies(cfg: &LabConfig, data: &ScenarioData, keep: &[String]) -> anyhow::Result<()> {
+    let mut wanted = BTreeSet::new();
+    for f in keep {
+        for doc in serde_yaml::Deserializer::from_str(data.file(f)?) {
+            let v = serde_yaml::Value::deserialize(doc).with_context(|| format!("parsing {f}"))?;
+            if let Some(name) = v["metadata"]["name"].as_str() {
+                wanted.insert(name.to_string());
+            }
+        }
+    }
+    let ns = &data.spec.target.namespace;
+    let have = kubectl(cfg, &["get", "networkpolicy", "-n", ns, "-o", "name"])?;
+    for line in have.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let name = line.rsplit('/').next().unwrap_or(line);
+        if !wanted.contains(name) {
+            kubectl(cfg, &["delete", "networkpolicy", name, "-n", ns])?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until warren-node on every node has programmed policy with the NodePort
+/// behaviour asked for: a restarted daemon keeps the previous rules until its first full sync
+/// (fail-static), and probing before then would judge the old behaviour.
+async fn wait_daemons(cfg: &LabConfig, policy: &str, timeout: Duration) -> Vec<String> {
+    let want = format!(
+        "warren_nodeport_preserve_source {}",
+        u8::from(policy == "preserve-source")
+    );
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<String> = cfg.nodes.iter().map(|n| n.name.clone()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for node in pending {
+            let req = Request::Exec {
+                target: format!("node:{node}"),
+                argv: ["curl", "-s", "--max-time", "5", "http://127.0.0.1:9099/metrics"]
+                    .map(String::from)
+                    .to_vec(),
+            };
+            let done = control::call(cfg.host_ctl, &req, Duration::from_secs(30))
+                .await
+                .ok()
+                .and_then(|v| v["stdout"].as_str().map(str::to_string))
+                .is_some_and(|m| m.lines().any(|l| l == want) && m.lines().any(|l| l == "warren_policy_synced 1"));
+            if !done {
+                still.push(node);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return vec![format!(
+                "warren-node on {} did not report NodePort behaviour {policy} programmed within {timeout:?}",
+                pending.join(", ")
+            )];
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Vec::new()
 }
 
 fn kubectl_apply(cfg: &LabConfig, work: &Path, data: &ScenarioData, file: &str) -> anyhow::Result<()> {

@@ -55,6 +55,22 @@ fn qemu_running_for(state: &str) -> bool {
     })
 }
 
+/// The lab's block race (no CLI verb: the control channel's `block-race` request, as the CLI sends requests).
+fn block_race(state: &std::path::Path, nodes: &[&str], latency_ms: u64) -> Value {
+    let cfg = lab::config::LabConfig::load(state).unwrap();
+    let req = lab::control::Request::BlockRace {
+        nodes: nodes.iter().map(|n| n.to_string()).collect(),
+        latency_ms,
+        timeout_ms: 90_000,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(lab::control::call(cfg.host_ctl, &req, Duration::from_secs(150)))
+        .unwrap()
+}
+
 #[test]
 fn should_run_a_three_node_cluster_with_warren() {
     let exe = bin_dir().join("warren-lab");
@@ -269,6 +285,203 @@ fn should_run_a_three_node_cluster_with_warren() {
         ok + failed
     );
 
+    // The API stand-in goes away (listener closed, connections and watches cut) while pods talk
+    // across nodes: the dataplane stays; when it is back, the daemons reconnect and converge.
+    let api_errors = |lab: &Lab, node: &str| -> u64 {
+        let m = lab.ok(&[
+            "exec",
+            &format!("node:{node}"),
+            "--",
+            "curl",
+            "-sf",
+            "http://127.0.0.1:9099/metrics",
+        ]);
+        m.lines()
+            .find_map(|l| l.strip_prefix("warren_api_errors_total "))
+            .unwrap_or_else(|| panic!("no warren_api_errors_total on {node}: {m}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let errors_before: Vec<u64> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| api_errors(&lab, n))
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (exe, st, stop) = (lab.exe.clone(), lab.state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(&exe)
+                    .arg("--state-dir")
+                    .arg(&st)
+                    .args(["probe", "alpha/a2", "beta/b1", "--port", "8080", "--timeout", "2"])
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let outage = {
+        let (exe, st) = (lab.exe.clone(), lab.state.clone());
+        std::thread::spawn(move || {
+            Command::new(&exe)
+                .arg("--state-dir")
+                .arg(&st)
+                .args(["restart", "apiserver", "--down-ms", "10000"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let down = lab.cmd(&["kubectl", "--", "get", "nodes", "--request-timeout=3s"]);
+    assert!(!down.status.success(), "kubectl got an answer during the API outage");
+    let m = lab.json(&["matrix", "--namespaces", "alpha,beta", "--port", "8080", "--json"]);
+    let blocked: Vec<&Value> = m["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["connected"] != true)
+        .collect();
+    assert!(blocked.is_empty(), "pairs blocked while the API was down: {blocked:?}");
+    let out = outage.join().unwrap();
+    assert!(
+        out.status.success(),
+        "restart apiserver: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().unwrap();
+    assert!(ok > 3, "too few probes ran during the API outage: {ok}");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} probes failed while the API was down",
+        ok + failed
+    );
+    // A change made after the outage reaches every daemon: they reconnected and resynced.
+    let node5 = state.join("node5.json");
+    std::fs::write(
+        &node5,
+        r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node5"},"spec":{"podCIDR":"10.233.71.0/24"}}"#,
+    )
+    .unwrap();
+    lab.ok(&["kubectl", "--", "apply", "-f", node5.to_str().unwrap()]);
+    lab.ok(&[
+        "kubectl",
+        "--",
+        "patch",
+        "node",
+        "node5",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.102.123.51"}]}}"#,
+    ]);
+    let wait_node5 = |present: bool| {
+        // The daemons' watches back off while the API is away (kube-rs: up to 30 s between tries).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let missing: Vec<&str> = ["node1", "node2", "node3"]
+                .into_iter()
+                .filter(|n| {
+                    let r = lab.ok(&["exec", &format!("node:{n}"), "--", "ip", "route"]);
+                    r.contains("10.233.71.0/24 via 10.102.123.51 dev tunl0") != present
+                })
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after the API outage, node5's route present={present} not reached on {missing:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    wait_node5(true);
+    lab.ok(&["kubectl", "--", "delete", "node", "node5"]);
+    wait_node5(false);
+    let errors_after: Vec<u64> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| api_errors(&lab, n))
+        .collect();
+    for (i, (b, a)) in errors_before.iter().zip(&errors_after).enumerate() {
+        assert!(
+            a > b,
+            "node{}: warren_api_errors_total did not rise over the outage ({b} -> {a})",
+            i + 1
+        );
+    }
+
+    // Two real warren-node processes for two new Nodes without podCIDR or block annotation, started
+    // in the same instant, end up with two distinct blocks of the pool. The names are chosen so that
+    // both claimers' scans of the pool start at the same block (sha1 of the name), and a 500 ms
+    // link delay makes each one's list -> write window longer than the spread of their start-up, so
+    // their first picks collide and one of them must yield.
+    let race = block_race(&state, &["race-a", "race-p"], 500);
+    eprintln!("block race: {race:#}");
+    let claims = race["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 2, "{race}");
+    assert!(
+        claims.iter().any(|c| c["collided"] == true),
+        "no daemon logged a colliding first pick, so this run did not exercise the conflict: {race}"
+    );
+    let pool: ipnet::Ipv4Net = "10.233.64.0/18".parse().unwrap();
+    let mut taken: Vec<String> = race["other_blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_string())
+        .collect();
+    for want in ["10.233.90.0/24", "10.233.96.0/24", "10.233.92.0/24"] {
+        assert!(
+            taken.iter().any(|t| t == want),
+            "lab blocks seen before the race: {taken:?}"
+        );
+    }
+    for c in claims {
+        let block: ipnet::Ipv4Net = c["block"].as_str().unwrap().parse().unwrap();
+        assert!(pool.contains(&block) && block.prefix_len() == 24, "{c}");
+        assert!(
+            !taken.contains(&block.to_string()),
+            "{} got a block already taken: {c} (taken: {taken:?})",
+            c["node"]
+        );
+        assert_eq!(
+            c["conflist_matches"], true,
+            "the daemon's conflist is for another block: {c}"
+        );
+        assert_eq!(c["tunl0"], format!("{}/32", block.network()), "{c}");
+        taken.push(block.to_string());
+    }
+    // Everything the race made is gone: Node objects, namespaces, and the peers' routes to them.
+    let names = lab.ok(&["kubectl", "--", "get", "nodes", "-o", "name"]);
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["node/node1", "node/node2", "node/node3"]
+    );
+    let ns = lab.ok(&["exec", "node:node1", "--", "ip", "netns", "list"]);
+    assert!(!ns.contains("wlab-x-"), "race namespaces left: {ns}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = lab.ok(&["exec", "node:node2", "--", "ip", "route"]);
+        if claims.iter().all(|c| !r.contains(c["block"].as_str().unwrap())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "routes to the race nodes' blocks stayed: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // NodePort and ClusterIP to a pod on the same node; kube-proxy's SNAT visible with Cluster.
     lab.ok(&["host", "add", "lb", "10.2.3.4"]);
     let svc = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web1","namespace":"alpha"},
@@ -293,11 +506,12 @@ fn should_run_a_three_node_cluster_with_warren() {
         r["seen_as"] == "10.102.123.117" || r["seen_as"] == "10.233.90.0",
         "Cluster: kube-proxy masquerades NodePort traffic to one of node1's addresses: {r}"
     );
-    // Through another node the packet crosses the tunnel and arrives from that node's tunl0 address:
-    // the seed's puzzle in one probe.
+    // Through another node the packet crosses the tunnel and arrives from an address of node2's
+    // block: the seed's puzzle in one probe. With the default preserve-source NodePort policy
+    // (issue 6) it is node2's NodePort source, the block's second address, not tunl0's first.
     let r = wait_probe("host:lb", "node:node2", "31000");
     assert_eq!(r["reply"], "a1", "{r}");
-    assert_eq!(r["seen_as"], "10.233.96.0", "SNAT to node2's tunl0 address: {r}");
+    assert_eq!(r["seen_as"], "10.233.96.1", "SNAT to node2's NodePort source: {r}");
     let cluster_ip = lab.ok(&[
         "kubectl",
         "--",

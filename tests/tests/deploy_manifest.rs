@@ -19,9 +19,6 @@ const NAMESPACE: &str = "kube-system";
 const CONFIGMAP: &str = "warren-config";
 /// Env vars the daemon container sets that are read outside clap (tracing's filter).
 const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
-/// Settings the manifest carries for a warren-node feature that may not have landed yet. The
-/// test insists that once the binary has the flag, the DaemonSet's variable is the one it reads.
-const PENDING: &[(&str, &str)] = &[("WARREN_NODEPORT_POLICY", "--nodeport-policy")];
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -294,7 +291,29 @@ fn should_wire_every_configmap_key_into_the_daemon_and_hold_valid_values() {
         conf::daemon::IpipMode::Always
     );
     assert!(data["nat_outgoing"].parse::<bool>().unwrap());
-    assert!(["preserve-source", "plain"].contains(&data["nodeport_policy"].as_str()));
+    // Installing with the defaults gives warren-node's own default NodePort behaviour.
+    assert_eq!(
+        data["nodeport_policy"].parse::<conf::daemon::NodePortPolicy>().unwrap(),
+        conf::daemon::NodePortPolicy::default()
+    );
+    assert_eq!(data["nodeport_policy"], "preserve-source");
+    // Every setting a user tunes is wired from the ConfigMap (the MTU's key is optional: an
+    // older ConfigMap without it means `auto`, as the shipped value does).
+    assert_eq!(data["mtu"], "auto");
+    for (env, key) in [
+        ("WARREN_POOL", "pool"),
+        ("WARREN_BLOCK_SIZE", "block_size"),
+        ("WARREN_IPIP_MODE", "ipip_mode"),
+        ("WARREN_MTU", "mtu"),
+        ("WARREN_NAT_OUTGOING", "nat_outgoing"),
+        ("WARREN_NODEPORT_POLICY", "nodeport_policy"),
+    ] {
+        assert_eq!(
+            refs.get(env).map(|(k, _)| k.as_str()),
+            Some(key),
+            "{env} from the ConfigMap"
+        );
+    }
     data["iptables_backend"]
         .parse::<conf::daemon::IptablesBackend>()
         .unwrap();
@@ -361,21 +380,11 @@ fn should_give_warren_node_only_command_lines_and_env_it_accepts() {
         );
         let known = documented_env(&help);
         for e in c.env.as_deref().unwrap_or_default() {
-            let pending = PENDING.iter().find(|(name, _)| *name == e.name);
-            if known.contains(&e.name) || READ_OUTSIDE_CLAP.contains(&e.name.as_str()) {
-                continue;
-            }
-            if let Some((name, flag)) = pending {
-                assert!(
-                    !help.contains(flag),
-                    "warren-node has {flag} but does not read {name}: the ConfigMap's setting would be ignored"
-                );
-                eprintln!("NOTE: warren-node {sub} has no {flag} yet; {name} from the ConfigMap is ignored");
-                continue;
-            }
-            panic!(
+            assert!(
+                known.contains(&e.name) || READ_OUTSIDE_CLAP.contains(&e.name.as_str()),
                 "{}: warren-node {sub} reads no variable {} (it knows {known:?})",
-                c.name, e.name
+                c.name,
+                e.name
             );
         }
     }

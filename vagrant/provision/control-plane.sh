@@ -26,10 +26,15 @@ current=$(kubectl -n kube-system get configmap kube-proxy -o jsonpath='{.data.co
   | awk '$1 == "mode:" { gsub(/"/, "", $2); print $2 }')
 want=$PROXY_MODE
 [[ "$want" == iptables && -z "$current" ]] && current=iptables
+# Seed 000's IPVS cluster masqueraded pods' ClusterIP connections too (bar reached the dashboard
+# by service name once tunl0 was whitelisted): masqueradeAll, as warren-lab's IPVS mode runs it.
+masq_all=false
+[[ "$want" == ipvs ]] && masq_all=true
 if [[ "$current" != "$want" ]]; then
-  log "kube-proxy mode: ${current:-iptables} -> $want"
+  log "kube-proxy mode: ${current:-iptables} -> $want (masqueradeAll: $masq_all)"
   kubectl -n kube-system get configmap kube-proxy -o yaml \
-    | sed -E "s/^( +)mode: .*/\\1mode: \"$want\"/" \
+    | sed -E -e "s/^( +)mode: .*/\\1mode: \"$want\"/" \
+      -e "s/^( +)masqueradeAll: .*/\\1masqueradeAll: $masq_all/" \
     | kubectl replace -f -
   kubectl -n kube-system rollout restart daemonset/kube-proxy
   kubectl -n kube-system rollout status daemonset/kube-proxy --timeout=5m

@@ -117,6 +117,9 @@ pub struct Server {
     token: String,
     store: Store,
     state_dir: PathBuf,
+    /// What [`Server::restart`] starts again with: the bound address (not port 0) and the token.
+    restart_cfg: Config,
+    opts: Options,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     saver: tokio::task::JoinHandle<()>,
@@ -132,6 +135,7 @@ impl Server {
 
     /// [`Server::start`] with tunables (history size, bookmark interval, service ranges).
     pub async fn start_with(cfg: Config, opts: Options) -> Result<Server, Error> {
+        let restart_opts = opts.clone();
         let dir = &cfg.state_dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
         let token = match cfg.token.clone() {
@@ -177,12 +181,19 @@ impl Server {
             ip => ip.to_string(),
         };
         tracing::info!(%addr, "API stand-in serving");
+        let restart_cfg = Config {
+            listen: SocketAddr::new(cfg.listen.ip(), addr.port()),
+            token: Some(token.clone()),
+            ..cfg.clone()
+        };
         Ok(Server {
             url: format!("https://{host}:{}", addr.port()),
             ca_pem: pki.ca_pem,
             token,
             store,
             state_dir: cfg.state_dir,
+            restart_cfg,
+            opts: restart_opts,
             stop,
             task,
             saver,
@@ -227,6 +238,30 @@ impl Server {
         let path = self.state_dir.join(SNAPSHOT);
         if let Err(e) = self.store.save(&path) {
             tracing::warn!(error = %e, path = %path.display(), "could not save the API objects");
+        }
+    }
+
+    /// An outage of the API server, as clients live through a control-plane restart: the listener
+    /// closes and every open connection (watches included) is cut, nothing answers for `down`,
+    /// then a server with the saved objects, the same CA, certificate and token serves on the same
+    /// address. resourceVersions continue from where they were; the watch history starts empty, so
+    /// a watch resuming from an older resourceVersion gets 410 and relists.
+    pub async fn restart(self, down: std::time::Duration) -> Result<Server, Error> {
+        let (cfg, opts) = (self.restart_cfg.clone(), self.opts.clone());
+        self.shutdown().await;
+        tracing::info!(?down, "API stand-in down");
+        tokio::time::sleep(down).await;
+        // The old listener is closed, but a just-closed port can take a moment to be free again.
+        let mut tries = 0;
+        loop {
+            match Self::start_with(cfg.clone(), opts.clone()).await {
+                Err(Error::Io(what, e)) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                    tracing::debug!(%what, "address still in use; retrying");
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
         }
     }
 }

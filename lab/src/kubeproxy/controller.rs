@@ -234,7 +234,7 @@ pub async fn run_proxy(
     node_ips: Vec<IpAddr>,
     cluster_cidr: Option<IpNet>,
 ) -> anyhow::Result<()> {
-    run_proxy_mode(client, Mode::Iptables, node_name, node_ips, cluster_cidr).await
+    run_proxy_mode(client, Mode::Iptables, node_name, node_ips, cluster_cidr, false).await
 }
 
 /// kube-proxy for this node: watches Services and EndpointSlices and programs the current
@@ -245,6 +245,7 @@ pub async fn run_proxy_mode(
     node_name: String,
     node_ips: Vec<IpAddr>,
     cluster_cidr: Option<IpNet>,
+    masquerade_all: bool,
 ) -> anyhow::Result<()> {
     let notify = Arc::new(Notify::new());
     let services = reflect(
@@ -284,6 +285,7 @@ pub async fn run_proxy_mode(
             &owned(slices.state()),
         );
         input.options = options;
+        input.masquerade_all = masquerade_all;
         // Skip unchanged inputs, except on the resync period (repairs rules someone flushed).
         if last.as_ref() != Some(&input) || last_sync.elapsed() >= RESYNC {
             let ipt = ipt.clone();
