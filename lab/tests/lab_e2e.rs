@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{bin_dir, Lab};
+use common::Lab;
 
 impl Lab {
     fn probe(&self, from: &str, to: &str, port: &str) -> Value {
@@ -73,22 +73,10 @@ fn block_race(state: &std::path::Path, nodes: &[&str], latency_ms: u64) -> Value
 
 #[test]
 fn should_run_a_three_node_cluster_with_warren() {
-    let exe = bin_dir().join("warren-lab");
-    assert!(
-        exe.exists(),
-        "{} is missing: build with `cargo build --release --workspace --bins`",
-        exe.display()
-    );
-    let state = PathBuf::from(format!("/run/warren-lab-e2e-{}", std::process::id()));
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let lab = Lab {
-        exe,
-        state: state.clone(),
-    };
-
     // up: returns when nodes are Ready, and says how long it took.
-    let up = lab.ok(&["up"]);
-    assert!(up.contains("3 nodes Ready"), "{up}");
+    let lab = Lab::up("e2e");
+    let state = lab.state.clone();
     let nodes = lab.json(&["kubectl", "--", "get", "nodes", "-o", "json"]);
     let names: Vec<&str> = nodes["items"]
         .as_array()
@@ -250,33 +238,12 @@ fn should_run_a_three_node_cluster_with_warren() {
     wait_route(false);
 
     // Restarting warren-node while traffic flows between nodes loses no connection attempt.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (exe, st, stop) = (lab.exe.clone(), lab.state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = Command::new(&exe)
-                    .arg("--state-dir")
-                    .arg(&st)
-                    .args(["probe", "beta/b1", "alpha/a3", "--port", "8080", "--timeout", "2"])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    ok += 1
-                } else {
-                    failed += 1
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let prober = lab.probe_loop("beta/b1", "alpha/a3", 8080);
     std::thread::sleep(Duration::from_secs(2));
     lab.ok(&["restart", "node:node1", "warren-node", "--down-ms", "2000"]);
     lab.ok(&["restart", "node:node3", "warren-node"]);
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.join().unwrap();
+    let (ok, failed) = prober.stop();
     assert!(ok > 3, "too few probes ran during the restart: {ok}");
     assert_eq!(
         failed,
@@ -307,27 +274,7 @@ fn should_run_a_three_node_cluster_with_warren() {
         .iter()
         .map(|n| api_errors(&lab, n))
         .collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (exe, st, stop) = (lab.exe.clone(), lab.state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let (mut ok, mut failed) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = Command::new(&exe)
-                    .arg("--state-dir")
-                    .arg(&st)
-                    .args(["probe", "alpha/a2", "beta/b1", "--port", "8080", "--timeout", "2"])
-                    .output()
-                    .unwrap();
-                if out.status.success() {
-                    ok += 1
-                } else {
-                    failed += 1
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let prober = lab.probe_loop("alpha/a2", "beta/b1", 8080);
     let outage = {
         let (exe, st) = (lab.exe.clone(), lab.state.clone());
         std::thread::spawn(move || {
@@ -356,8 +303,7 @@ fn should_run_a_three_node_cluster_with_warren() {
         "restart apiserver: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = prober.join().unwrap();
+    let (ok, failed) = prober.stop();
     assert!(ok > 3, "too few probes ran during the API outage: {ok}");
     assert_eq!(
         failed,

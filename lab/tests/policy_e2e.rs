@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{bin_dir, Lab};
+use common::Lab;
 
 impl Lab {
     fn probe(&self, from: &str, to: &str, port: &str, proto: &str) -> bool {
@@ -77,19 +77,8 @@ impl Lab {
 
 #[test]
 fn should_enforce_network_policy_with_real_traffic() {
-    let exe = bin_dir().join("warren-lab");
-    assert!(
-        exe.exists(),
-        "{} is missing: build with `cargo build --release -p lab -p cni-bin -p node-daemon --bins`",
-        exe.display()
-    );
-    let lab = Lab {
-        exe,
-        state: PathBuf::from(format!("/run/warren-lab-policy-{}", std::process::id())),
-    };
     let t0 = Instant::now();
-    let up = lab.ok(&["up"]);
-    assert!(up.contains("3 nodes Ready"), "{up}");
+    let lab = Lab::up("policy");
     lab.apply("pods.yaml");
     lab.wait_running(5);
     lab.ok(&["host", "add", "ext", "10.2.3.4", "--ports", "80/TCP"]);

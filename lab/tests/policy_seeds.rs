@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 mod common;
-use common::{bin_dir, Lab};
+use common::Lab;
 
 #[path = "../../node-daemon/policy/tests/common/seeddata.rs"]
 mod seeddata;
@@ -678,20 +678,8 @@ fn node_block(lab: &Lab, node: &str) -> String {
 
 #[test]
 fn should_pass_every_seed_case_with_real_traffic_and_repair_drift() {
-    let exe = bin_dir().join("warren-lab");
-    assert!(
-        exe.exists(),
-        "{} is missing: build with `cargo build --release -p lab -p cni-bin -p node-daemon --bins`",
-        exe.display()
-    );
-    let lab = Lab {
-        exe,
-        state: PathBuf::from(format!("/run/warren-lab-seeds-{}", std::process::id())),
-    };
     let t0 = Instant::now();
-    let up = lab.ok(&["up"]);
-    assert!(up.contains("3 nodes Ready"), "{up}");
-    eprintln!("lab up after {:.1?}", t0.elapsed());
+    let lab = Lab::up("seeds");
 
     let mut report = Vec::new();
     let files = seeddata::all_files();

@@ -8,24 +8,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{bin_dir, Lab};
+use common::Lab;
 use serde_json::Value;
 
 /// Runs the scenario in its own lab, left up (`--keep`) for more checks; dropping the returned
 /// harness takes it down.
 fn run(mode: &str) -> (Value, Lab) {
-    let exe = bin_dir().join("warren-lab");
-    assert!(
-        exe.exists(),
-        "{} is missing: build the release binaries first",
-        exe.display()
-    );
-    let lab = Lab {
-        exe,
-        state: PathBuf::from(format!("/run/warren-lab-scenario-{mode}-{}", std::process::id())),
-    };
+    let lab = Lab::named(&format!("scenario-{mode}"));
     // Exit status 1 means mismatches; the JSON report says which, so read it either way.
     let out = lab.cmd(&["scenario", "tekton", "--proxy-mode", mode, "--json", "--keep"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

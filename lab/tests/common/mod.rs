@@ -56,3 +56,69 @@ impl Drop for Lab {
             .status();
     }
 }
+
+impl Lab {
+    /// The harness for a lab of this test file (state in `/run/warren-lab-<name>-<pid>`), not
+    /// started yet.
+    pub fn named(name: &str) -> Lab {
+        let exe = bin_dir().join("warren-lab");
+        assert!(
+            exe.exists(),
+            "{} is missing: build with `cargo build --release --workspace --bins`",
+            exe.display()
+        );
+        Lab {
+            exe,
+            state: PathBuf::from(format!("/run/warren-lab-{name}-{}", std::process::id())),
+        }
+    }
+
+    /// [`Lab::named`], brought up: returns when the three nodes are Ready.
+    pub fn up(name: &str) -> Lab {
+        let lab = Lab::named(name);
+        let t0 = std::time::Instant::now();
+        let up = lab.ok(&["up"]);
+        assert!(up.contains("3 nodes Ready"), "{up}");
+        eprintln!("lab up after {:.1?}", t0.elapsed());
+        lab
+    }
+
+    /// Probes `from` → `to` on TCP `port` in a loop until [`Prober::stop`].
+    pub fn probe_loop(&self, from: &str, to: &str, port: u16) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (exe, st, flag) = (self.exe.clone(), self.state.clone(), stop.clone());
+        let (from, to, port) = (from.to_string(), to.to_string(), port.to_string());
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(&exe)
+                    .arg("--state-dir")
+                    .arg(&st)
+                    .args(["probe", &from, &to, "--port", &port, "--timeout", "2"])
+                    .output()
+                    .expect("running warren-lab probe");
+                if out.status.success() {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
+            }
+            (ok, failed)
+        });
+        Prober { stop, thread }
+    }
+}
+
+/// A background probe loop (see [`Lab::probe_loop`]).
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, u32)>,
+}
+
+impl Prober {
+    /// Stops the loop; returns (connected, failed) probe counts.
+    pub fn stop(self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the probe thread")
+    }
+}
