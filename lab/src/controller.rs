@@ -589,7 +589,7 @@ fn prepare_host_path(path: &std::path::Path, kind: crate::manifest::HostPathType
 }
 
 /// SIGTERM first, as kubelet stops a container, then SIGKILL after a grace period.
-fn stop_child(child: &mut Child) {
+pub(crate) fn stop_child(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
     }

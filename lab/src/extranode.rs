@@ -63,7 +63,7 @@ struct Extra {
 impl Extra {
     fn kill_all(&mut self) {
         for c in &mut self.children {
-            stop(c);
+            crate::controller::stop_child(c);
         }
         self.children.clear();
     }
@@ -290,22 +290,6 @@ async fn race(
     }
     info!(?claims, "block race settled");
     Ok(Race { claims, other_blocks })
-}
-
-/// SIGTERM (warren-node leaves its dataplane, which goes with the namespace), SIGKILL if it lingers.
-fn stop(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn log_file(cfg: &LabConfig, name: &str) -> Result<std::fs::File> {
