@@ -37,6 +37,31 @@ pub enum ApplyError {
 
 pub type Result<T, E = ApplyError> = std::result::Result<T, E>;
 
+/// Runs a command (with `stdin` piped in when given); its stdout, or why it failed.
+pub(crate) fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let cmd_line = format!("{program} {}", args.join(" "));
+    let spawn_err = |source| ApplyError::Spawn {
+        cmd: cmd_line.clone(),
+        source,
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(data.as_bytes()).map_err(spawn_err)?;
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(ApplyError::Failed {
+            cmd: cmd_line,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The iptables command family to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Iptables {
@@ -53,32 +78,7 @@ impl Iptables {
     }
 
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        let cmd_line = format!("{program} {}", args.join(" "));
-        let mut cmd = Command::new(program);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-        let mut child = cmd.spawn().map_err(|source| ApplyError::Spawn {
-            cmd: cmd_line.clone(),
-            source,
-        })?;
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(data.as_bytes()).map_err(|source| ApplyError::Spawn {
-                cmd: cmd_line.clone(),
-                source,
-            })?;
-        }
-        let out = child.wait_with_output().map_err(|source| ApplyError::Spawn {
-            cmd: cmd_line.clone(),
-            source,
-        })?;
-        if !out.status.success() {
-            return Err(ApplyError::Failed {
-                cmd: cmd_line,
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run(program, args, stdin)
     }
 
     /// `iptables-save -t <table>`.

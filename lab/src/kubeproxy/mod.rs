@@ -50,8 +50,6 @@ impl std::str::FromStr for Mode {
 pub enum SyncError {
     #[error(transparent)]
     Apply(#[from] apply::ApplyError),
-    #[error(transparent)]
-    Ipvs(#[from] ipvs::apply::IpvsError),
 }
 
 /// Programs the current network namespace for `input` in `mode`.

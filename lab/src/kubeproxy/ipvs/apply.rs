@@ -4,67 +4,20 @@
 //! idempotent and a resync repairs drift and removes what is stale.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use super::{
     desired_state, dummy_address_batch, ipset_restore, ipvsadm_changes, jump_rules, node_ips_from_local_routes,
     parse_device_addresses, parse_ipset_save, parse_ipvsadm_save, parse_kernel_version, render_cleanup,
     render_iptables, sysctls, IpvsOptions, IpvsState, DUMMY_DEVICE, IPSETS,
 };
-use crate::kubeproxy::apply::{ApplyError, Iptables};
+use crate::kubeproxy::apply::{run, ApplyError, Iptables};
 use crate::kubeproxy::model::ProxyInput;
 
-#[derive(Debug, thiserror::Error)]
-pub enum IpvsError {
-    #[error("running {cmd}: {source}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{cmd} failed ({status}): {stderr}")]
-    Failed {
-        cmd: String,
-        status: std::process::ExitStatus,
-        stderr: String,
-    },
-    #[error("setting sysctl {path}: {source}")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Iptables(#[from] ApplyError),
-}
+/// IPVS mode fails the way iptables mode does: a command or a sysctl.
+pub type IpvsError = ApplyError;
 
 pub type Result<T, E = IpvsError> = std::result::Result<T, E>;
-
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let cmd_line = format!("{program} {}", args.join(" "));
-    let spawn_err = |source| IpvsError::Spawn {
-        cmd: cmd_line.clone(),
-        source,
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data.as_bytes()).map_err(spawn_err)?;
-    }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if !out.status.success() {
-        return Err(IpvsError::Failed {
-            cmd: cmd_line,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The node's addresses as kube-proxy finds them (local routes, minus kube-ipvs0's).
 pub fn local_node_ips() -> Result<Vec<IpAddr>> {
