@@ -17,23 +17,6 @@ impl Lab {
         let out = self.cmd(&["probe", from, to, "--port", port, "--timeout", "3", "--json"]);
         serde_json::from_slice(&out.stdout).expect("probe JSON")
     }
-
-    fn wait_running(&self, n: usize) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let v = self.json(&["kubectl", "--", "get", "pods", "-A", "-o", "json"]);
-            let running = v["items"].as_array().map_or(0, |a| {
-                a.iter()
-                    .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
-                    .count()
-            });
-            if running >= n {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "only {running} of {n} pods Running");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
 }
 
 fn netns_with_prefix(prefix: &str) -> Vec<String> {

@@ -56,23 +56,6 @@ impl Lab {
             .join(file);
         self.ok(&["kubectl", "--", "apply", "-f", p.to_str().expect("utf-8 path")]);
     }
-
-    fn wait_running(&self, n: usize) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let v = self.json(&["kubectl", "--", "get", "pods", "-A", "-o", "json"]);
-            let running = v["items"].as_array().map_or(0, |a| {
-                a.iter()
-                    .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
-                    .count()
-            });
-            if running >= n {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "only {running} of {n} pods Running");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
 }
 
 #[test]

@@ -83,6 +83,27 @@ impl Lab {
         lab
     }
 
+    /// Waits (at most 2 min) until `n` pods are Running with an IP; returns the pod list.
+    pub fn wait_running(&self, n: usize) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let v = self.json(&["kubectl", "--", "get", "pods", "-A", "-o", "json"]);
+            let running = v["items"].as_array().map_or(0, |a| {
+                a.iter()
+                    .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+                    .count()
+            });
+            if running >= n {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {running} of {n} pods Running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
     /// Probes `from` → `to` on TCP `port` in a loop until [`Prober::stop`].
     pub fn probe_loop(&self, from: &str, to: &str, port: u16) -> Prober {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
