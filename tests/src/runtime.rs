@@ -32,6 +32,19 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// Writes a benchmark's figures as pretty JSON to `out`, or to `target/bench/<name>` in the
+/// workspace; returns where.
+pub fn write_bench_json(out: Option<&Path>, name: &str, doc: &impl serde::Serialize) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let out = out.map_or_else(|| workspace_root().join("target/bench").join(name), Path::to_path_buf);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(doc)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(out)
+}
+
 /// A process-unique suffix for names of namespaces, links and directories.
 pub fn unique(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

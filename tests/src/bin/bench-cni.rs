@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use integration_tests::runtime::{
     enter_private_netns, plugin_conf, reference_conflist, result_ipv4, run_plugin, warren_bin_dir, warren_conflist,
-    workspace_root, CniCall, Leaks, PinnedNetns, REFERENCE_BIN_DIR,
+    write_bench_json, CniCall, Leaks, PinnedNetns, REFERENCE_BIN_DIR,
 };
 use serde_json::{json, Value};
 
@@ -278,14 +278,7 @@ fn main() -> Result<()> {
 
     let report = report(&args, &samples);
     print_table(&args, &report);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench/bench-cni.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    let out = write_bench_json(args.out.as_deref(), "bench-cni.json", &report)?;
     println!("JSON: {}", out.display());
     Ok(())
 }

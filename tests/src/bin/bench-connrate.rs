@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use integration_tests::runtime::{warren_bin_dir, workspace_root};
+use integration_tests::runtime::{warren_bin_dir, write_bench_json};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
@@ -222,15 +222,7 @@ fn main() -> Result<()> {
         "policies_programmed_s": programmed,
         "policies_programmed_worst_case_s": programmed_worst,
     });
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench/connrate.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
-        .with_context(|| format!("writing {}", out.display()))?;
+    let out = write_bench_json(args.out.as_deref(), "connrate.json", &doc)?;
     println!("wrote {}", out.display());
     ensure!(
         [&base, &loaded, &worst, &after].iter().all(|r| r["failed"] == 0),

@@ -22,7 +22,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use integration_tests::runtime::{
     enter_private_netns, host_routes_32, links_with_prefix, plugin_conf, reserved_ips, result_ipv4, run_plugin,
-    warren_bin_dir, warren_conflist, workspace_root, CniCall, Leaks, PinnedNetns, PluginRun, REFERENCE_BIN_DIR,
+    warren_bin_dir, warren_conflist, write_bench_json, CniCall, Leaks, PinnedNetns, PluginRun, REFERENCE_BIN_DIR,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -516,14 +516,7 @@ fn main() -> Result<()> {
     {
         println!("    ! {f}");
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("target/bench/soak-cni.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+    let out = write_bench_json(args.out.as_deref(), "soak-cni.json", &report)?;
     println!("JSON: {}", out.display());
 
     let clean = shared.duplicates.is_empty()
