@@ -19,6 +19,29 @@ impl Lab {
     }
 }
 
+/// Waits until `route` is (or is no longer) in every node's `ip route`.
+fn wait_route_everywhere(lab: &Lab, route: &str, present: bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let missing: Vec<&str> = ["node1", "node2", "node3"]
+            .into_iter()
+            .filter(|n| {
+                lab.ok(&["exec", &format!("node:{n}"), "--", "ip", "route"])
+                    .contains(route)
+                    != present
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{route:?} present={present} not reached on {missing:?} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn netns_with_prefix(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/run/netns")
         .map(|rd| {
@@ -199,26 +222,10 @@ fn should_run_a_three_node_cluster_with_warren() {
         "-p",
         r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.102.123.50"}]}}"#,
     ]);
-    let wait_route = |present: bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let all = ["node1", "node2", "node3"].iter().all(|n| {
-                let r = lab.ok(&["exec", &format!("node:{n}"), "--", "ip", "route"]);
-                r.contains("10.233.70.0/24 via 10.102.123.50 dev tunl0") == present
-            });
-            if all {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node4's route present={present} not reached on every node"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    };
-    wait_route(true);
+    let node4 = "10.233.70.0/24 via 10.102.123.50 dev tunl0";
+    wait_route_everywhere(&lab, node4, true, Duration::from_secs(30));
     lab.ok(&["kubectl", "--", "delete", "node", "node4"]);
-    wait_route(false);
+    wait_route_everywhere(&lab, node4, false, Duration::from_secs(30));
 
     // Restarting warren-node while traffic flows between nodes loses no connection attempt.
     let prober = lab.probe_loop("beta/b1", "alpha/a3", 8080);
@@ -313,30 +320,11 @@ fn should_run_a_three_node_cluster_with_warren() {
         "-p",
         r#"{"status":{"addresses":[{"type":"InternalIP","address":"10.102.123.51"}]}}"#,
     ]);
-    let wait_node5 = |present: bool| {
-        // The daemons' watches back off while the API is away (kube-rs: up to 30 s between tries).
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let missing: Vec<&str> = ["node1", "node2", "node3"]
-                .into_iter()
-                .filter(|n| {
-                    let r = lab.ok(&["exec", &format!("node:{n}"), "--", "ip", "route"]);
-                    r.contains("10.233.71.0/24 via 10.102.123.51 dev tunl0") != present
-                })
-                .collect();
-            if missing.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "after the API outage, node5's route present={present} not reached on {missing:?}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    };
-    wait_node5(true);
+    // The daemons' watches back off while the API is away (kube-rs: up to 30 s between tries).
+    let node5 = "10.233.71.0/24 via 10.102.123.51 dev tunl0";
+    wait_route_everywhere(&lab, node5, true, Duration::from_secs(90));
     lab.ok(&["kubectl", "--", "delete", "node", "node5"]);
-    wait_node5(false);
+    wait_route_everywhere(&lab, node5, false, Duration::from_secs(90));
     let errors_after: Vec<u64> = ["node1", "node2", "node3"]
         .iter()
         .map(|n| api_errors(&lab, n))
