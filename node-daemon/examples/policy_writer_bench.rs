@@ -379,7 +379,7 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     let cold_breakdown = with_in_process(w.runner().take(), cold_apply);
     ensure!(!rep.changed.is_empty(), "the cold sync wrote nothing");
     let (warren_rules, filter_rules, ipsets, members) = kernel_counts(&w)?;
-    let expected_rules: usize = desired.chains.values().map(Vec::len).sum::<usize>() + desired.hooks.len();
+    let expected_rules: usize = desired.chains.values().map(|c| c.len()).sum::<usize>() + desired.hooks.len();
     ensure!(
         warren_rules == expected_rules && ipsets == desired.ipsets.len(),
         "kernel holds {warren_rules} rules / {ipsets} sets, compiled {expected_rules} / {}",

@@ -2,6 +2,7 @@
 //! with the policy compiler's: IPIP accepted only from cluster nodes, and natOutgoing.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::net::Ipv4Addr;
 
 use conf::daemon::IpipMode;
@@ -30,27 +31,27 @@ pub fn overlay_dataplane(o: &OverlayFw) -> DesiredDataplane {
     let mut d = DesiredDataplane::default();
     d.ipsets.insert(
         ALL_HOSTS_SET.into(),
-        IpSetSpec {
+        Arc::new(IpSetSpec {
             kind: "hash:ip".into(),
             members: o.node_ips.iter().map(|ip| ip.to_string()).collect(),
-        },
+        }),
     );
     let mut cidrs: BTreeSet<String> = o.blocks.iter().map(|b| b.to_string()).collect();
     cidrs.insert(o.pool.to_string());
     cidrs.extend(o.node_ips.iter().map(|ip| format!("{ip}/32")));
     d.ipsets.insert(
         ALL_CIDRS_SET.into(),
-        IpSetSpec {
+        Arc::new(IpSetSpec {
             kind: "hash:net".into(),
             members: cidrs,
-        },
+        }),
     );
     d.chains.insert(
         (Table::Filter, INPUT_CHAIN.into()),
-        vec![
+        Arc::new(vec![
             format!("-p 4 -m set --match-set {ALL_HOSTS_SET} src -j ACCEPT"),
             "-p 4 -j DROP".into(),
-        ],
+        ]),
     );
     d.hooks.insert(Hook {
         table: Table::Filter,
@@ -76,7 +77,7 @@ pub fn overlay_dataplane(o: &OverlayFw) -> DesiredDataplane {
             "-o {TUNNEL_IFACE} -m addrtype ! --src-type LOCAL --limit-iface-out -m addrtype --src-type LOCAL -j MASQUERADE"
         ));
     }
-    d.chains.insert((Table::Nat, POSTROUTING_CHAIN.into()), nat);
+    d.chains.insert((Table::Nat, POSTROUTING_CHAIN.into()), Arc::new(nat));
     d.hooks.insert(Hook {
         table: Table::Nat,
         chain: "POSTROUTING".into(),

@@ -135,9 +135,10 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             // Both parts own a piece of WARREN-INPUT: the workload checks (spoofed sources, IPIP
             // from pods) go first, then the overlay's IPIP-only-from-nodes rules.
             let key = (Table::Filter, INPUT_CHAIN.to_string());
-            if let Some(mut theirs) = extra.chains.remove(&key) {
-                theirs.extend(dp.chains.remove(&key).unwrap_or_default());
-                dp.chains.insert(key, theirs);
+            if let Some(theirs) = extra.chains.remove(&key) {
+                let mut both = Vec::clone(&theirs);
+                both.extend(dp.chains.remove(&key).iter().flat_map(|c| c.iter().cloned()));
+                dp.chains.insert(key, Arc::new(both));
             }
             dp.merge(extra).map_err(ReconcileError::Merge)?;
         }

@@ -80,7 +80,7 @@ fn desired() -> DesiredDataplane {
     });
     d.ipsets.insert(
         "warren-extra".into(),
-        IpSetSpec {
+        std::sync::Arc::new(IpSetSpec {
             kind: "hash:net".into(),
             members: [
                 "10.1.0.0/16".to_string(),
@@ -88,14 +88,14 @@ fn desired() -> DesiredDataplane {
                 "10.9.9.9/32".to_string(),
             ]
             .into(),
-        },
+        }),
     );
     d.chains.insert(
         (Table::Filter, "WARREN-FORWARD".into()),
-        vec![
+        std::sync::Arc::new(vec![
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
             "-m set --match-set warren-extra dst -p tcp --dport 80 -m comment --comment \"allow web\" -j ACCEPT".into(),
-        ],
+        ]),
     );
     d.hooks.insert(Hook {
         table: Table::Filter,

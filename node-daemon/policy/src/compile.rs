@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use conf::dataplane::{DesiredDataplane, Hook, IpSetSpec, Table};
 use conf::names::{CHAIN_PREFIX, IPSET_PREFIX};
@@ -738,10 +739,10 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
         );
         out.dataplane.chains.insert(
             (Table::Nat, CHAIN_NODEPORT_SNAT.into()),
-            vec![format!(
+            Arc::new(vec![format!(
                 "-o {} -m mark --mark {MARK_CHECKED:#x}/{MARK_CHECKED:#x} -j SNAT --to-source {}",
                 np.tunnel_iface, np.local_source
-            )],
+            )]),
         );
         out.dataplane.hooks.insert(Hook {
             table: Table::Nat,
@@ -778,11 +779,11 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
         out.stats.rules += rules.len();
         out.dataplane
             .chains
-            .insert((Table::Filter, name), rules.iter().map(Rule::render).collect());
+            .insert((Table::Filter, name), Arc::new(rules.iter().map(Rule::render).collect()));
     }
     out.stats.ipsets = ctx.sets.len();
     out.stats.ipset_members = ctx.sets.values().map(|s| s.members.len()).sum();
-    out.dataplane.ipsets = ctx.sets;
+    out.dataplane.ipsets = ctx.sets.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
     out
 }
 
@@ -813,7 +814,7 @@ pub fn render_text(dp: &DesiredDataplane) -> String {
             out.push_str(&format!("{op} {} {}\n", h.chain, h.rule));
         }
         for ((_, name), rules) in dp.chains.iter().filter(|((tt, _), _)| *tt == t) {
-            for r in rules {
+            for r in rules.iter() {
                 out.push_str(&format!("-A {name} {r}\n"));
             }
         }

@@ -62,7 +62,7 @@ fn node(c: &Cluster, name: &str, np: Option<NodePortCheck>) -> Node {
         .chains
         .iter()
         .filter(|((t, _), _)| *t == conf::dataplane::Table::Nat)
-        .flat_map(|(_, rules)| rules.clone())
+        .flat_map(|(_, rules)| rules.iter().cloned())
         .collect();
     Node {
         interp: Interpreter::new(&compiled.dataplane).unwrap(),

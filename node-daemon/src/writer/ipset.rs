@@ -2,7 +2,9 @@
 //! sets, and render an `ipset restore` script: creations and member changes before the iptables
 //! batch, destructions after it (when no rule references the sets any more).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use conf::dataplane::IpSetSpec;
 use conf::names::IPSET_PREFIX;
@@ -34,7 +36,7 @@ fn normalized(spec: &IpSetSpec) -> BTreeSet<String> {
 }
 
 /// Parses `ipset save`; sets not named with warren's prefix are skipped.
-pub fn parse_save(text: &str) -> BTreeMap<String, IpSetSpec> {
+pub fn parse_save(text: &str) -> BTreeMap<String, Arc<IpSetSpec>> {
     let mut sets: BTreeMap<String, IpSetSpec> = BTreeMap::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();
@@ -59,7 +61,7 @@ pub fn parse_save(text: &str) -> BTreeMap<String, IpSetSpec> {
             _ => {}
         }
     }
-    sets
+    sets.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
 }
 
 /// Name of the temporary set used to replace a set of another type; prefixed so a crash leaves
@@ -83,11 +85,16 @@ pub struct SetPlan {
     pub changed: Vec<String>,
 }
 
-pub fn plan_sets(desired: &BTreeMap<String, IpSetSpec>, actual: &BTreeMap<String, IpSetSpec>, sweep: bool) -> SetPlan {
+pub fn plan_sets<D: Borrow<IpSetSpec>, A: Borrow<IpSetSpec>>(
+    desired: &BTreeMap<String, D>,
+    actual: &BTreeMap<String, A>,
+    sweep: bool,
+) -> SetPlan {
     let mut p = SetPlan::default();
     for (name, spec) in desired {
+        let spec: &IpSetSpec = spec.borrow();
         let want = normalized(spec);
-        match actual.get(name) {
+        match actual.get(name).map(Borrow::borrow) {
             None => {
                 p.before.push_str(&create_line(name, &spec.kind));
                 for m in &want {
@@ -166,7 +173,7 @@ mod tests {
             "warren-all-cidrs".to_string(),
             spec("hash:net", &["10.0.0.1/32", "10.1.0.0/16"]),
         );
-        let p = plan_sets(&desired, &BTreeMap::new(), false);
+        let p = plan_sets(&desired, &BTreeMap::<String, IpSetSpec>::new(), false);
         assert!(p.before.starts_with("create warren-all-cidrs hash:net family inet"));
         assert!(p.before.contains("add warren-all-cidrs 10.0.0.1\n"));
         let actual = parse_save(&format!(
@@ -185,8 +192,8 @@ mod tests {
     #[test]
     fn should_destroy_stale_sets_only_after_sync_and_after_iptables() {
         let actual = parse_save("create warren-old hash:ip family inet\n");
-        assert_eq!(plan_sets(&BTreeMap::new(), &actual, false), SetPlan::default());
-        let p = plan_sets(&BTreeMap::new(), &actual, true);
+        assert_eq!(plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, false), SetPlan::default());
+        let p = plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, true);
         assert_eq!(p.before, "");
         assert_eq!(p.after, "destroy warren-old\n");
     }

@@ -2,9 +2,11 @@
 //! hash comment on each rule), compare with the desired chains, and render one
 //! `iptables-restore --noflush` batch per table that rewrites only what differs.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use conf::dataplane::{DesiredDataplane, Hook, Table};
+use conf::dataplane::{Hook, Table};
 use conf::names::{CHAIN_PREFIX, RULE_COMMENT_PREFIX};
 use sha1::{Digest, Sha1};
 
@@ -113,9 +115,13 @@ fn comment(hash: &str) -> String {
 
 /// The table as an earlier apply of `written` left it, as far as warren's planning looks: its
 /// chains with their rule hashes, and its hooks at the top of the built-in chains.
-pub fn as_written(table: Table, written: &DesiredDataplane) -> SavedTable {
+pub fn as_written(
+    table: Table,
+    chains: &BTreeMap<(Table, String), Arc<Vec<String>>>,
+    hooks: &BTreeSet<Hook>,
+) -> SavedTable {
     let mut t = SavedTable::default();
-    for ((tt, chain), rules) in &written.chains {
+    for ((tt, chain), rules) in chains {
         if *tt != table {
             continue;
         }
@@ -128,7 +134,7 @@ pub fn as_written(table: Table, written: &DesiredDataplane) -> SavedTable {
             .collect();
         t.chains.insert(chain.clone(), saved);
     }
-    for h in written.hooks.iter().filter(|h| h.table == table) {
+    for h in hooks.iter().filter(|h| h.table == table) {
         let hash = hook_hash(h);
         let rule = SavedRule {
             // Enough for `-D <chain> <spec>`, which matches a rule by its content.
@@ -156,9 +162,9 @@ pub struct TablePlan {
 
 /// Plans one table. `sweep` allows removing warren chains and hooks that are no longer desired
 /// (only after the first full sync, so a restart never opens a window).
-pub fn plan_table(
+pub fn plan_table<R: Borrow<Vec<String>>>(
     table: Table,
-    desired: &BTreeMap<String, Vec<String>>,
+    desired: &BTreeMap<String, R>,
     hooks: &[&Hook],
     actual: &SavedTable,
     sweep: bool,
@@ -169,6 +175,7 @@ pub fn plan_table(
     let tname = table.name();
 
     for (chain, rules) in desired {
+        let rules: &Vec<String> = rules.borrow();
         let hashes = rule_hashes(chain, rules);
         let same = actual.chains.get(chain).is_some_and(|saved| {
             saved.len() == hashes.len() && saved.iter().zip(&hashes).all(|(s, h)| s.hash.as_deref() == Some(h))
@@ -346,7 +353,7 @@ mod tests {
                     -A INPUT -m comment --comment warren:deadbeef -j WARREN-OLD\n\
                     -A INPUT -m comment --comment other -j FOREIGN\n-A WARREN-OLD -j ACCEPT\n";
         let actual = parse_save(text);
-        let none = BTreeMap::new();
+        let none = BTreeMap::<String, Vec<String>>::new();
         assert_eq!(
             plan_table(Table::Filter, &none, &[], &actual, false),
             TablePlan::default()
@@ -367,7 +374,7 @@ mod tests {
             ":FORWARD ACCEPT [0:0]\n-A FORWARD -m comment --comment warren:{hash} -j WARREN-FORWARD\n\
              -A FORWARD -m comment --comment \"warren:{hash}\" -j WARREN-FORWARD\n"
         );
-        let plan = plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false);
+        let plan = plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false);
         assert_eq!(plan.restore.matches("-D FORWARD").count(), 1, "{}", plan.restore);
         assert!(!plan.restore.contains("-I FORWARD"));
     }
@@ -380,7 +387,7 @@ mod tests {
             ":INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.1/32 -j DROP\n\
              -A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n"
         );
-        let plan = plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false);
+        let plan = plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false);
         let lines: Vec<&str> = plan.restore.lines().collect();
         assert!(
             lines[1].starts_with("-D INPUT -m comment --comment warren:"),
@@ -395,7 +402,7 @@ mod tests {
              -A INPUT -s 10.0.0.1/32 -j DROP\n"
         );
         assert_eq!(
-            plan_table(Table::Filter, &BTreeMap::new(), &[&h], &parse_save(&text), false),
+            plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false),
             TablePlan::default()
         );
     }

@@ -78,15 +78,18 @@ impl<C: CommandRunner> Writer<C> {
         let mut errors = Vec::new();
         let mut report = ApplyReport::default();
 
-        let cached = if self.read_back { None } else { self.last.clone() };
-        let actual_sets = match &cached {
-            Some(last) => last.ipsets.clone(),
+        // Without read-back, only what differs from the last apply is planned: parts the
+        // compiler did not touch are the same allocation (`Arc`), so finding them costs a
+        // pointer comparison each, whatever their size.
+        let cached = if self.read_back { None } else { self.last.take() };
+        let (want_sets, actual_sets) = match &cached {
+            Some(last) => changed_parts(&desired.ipsets, &last.ipsets),
             None => match self.runner.run("ipset", &["save"], None) {
-                Ok(t) => ipset::parse_save(&t),
+                Ok(t) => (desired.ipsets.clone(), ipset::parse_save(&t)),
                 Err(e) => return Err(WriterError(vec![e])),
             },
         };
-        let set_plan = ipset::plan_sets(&desired.ipsets, &actual_sets, sweep);
+        let set_plan = ipset::plan_sets(&want_sets, &actual_sets, sweep);
         if !set_plan.before.is_empty() {
             if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(&set_plan.before)) {
                 errors.push(e);
@@ -101,16 +104,19 @@ impl<C: CommandRunner> Writer<C> {
             Ok(t) => t,
             Err(e) => return Err(WriterError(vec![e])),
         };
+        let (want_chains, last_chains) = match &cached {
+            Some(last) => changed_parts(&desired.chains, &last.chains),
+            None => (desired.chains.clone(), BTreeMap::new()),
+        };
         for table in iptables::ALL_TABLES {
-            let chains: BTreeMap<String, Vec<String>> = desired
-                .chains
+            let chains: BTreeMap<String, std::sync::Arc<Vec<String>>> = want_chains
                 .iter()
                 .filter(|((t, _), _)| *t == table)
                 .map(|((_, c), r)| (c.clone(), r.clone()))
                 .collect();
             let hooks: Vec<&Hook> = desired.hooks.iter().filter(|h| h.table == table).collect();
             let actual = match &cached {
-                Some(last) => iptables::as_written(table, last),
+                Some(last) => iptables::as_written(table, &last_chains, &last.hooks),
                 // A table the dump does not show is empty (not even loaded).
                 None => saved.get(table.name()).cloned().unwrap_or_default(),
             };
@@ -159,6 +165,26 @@ impl<C: CommandRunner> Writer<C> {
     }
 }
 
+/// The entries of `desired` that differ from `last`, and the entries of `last` that differ from
+/// `desired` (changed or gone): what a plan against the last written state has to look at.
+fn changed_parts<K: Ord + Clone, V: PartialEq>(
+    desired: &BTreeMap<K, std::sync::Arc<V>>,
+    last: &BTreeMap<K, std::sync::Arc<V>>,
+) -> (BTreeMap<K, std::sync::Arc<V>>, BTreeMap<K, std::sync::Arc<V>>) {
+    let same = |a: &std::sync::Arc<V>, b: &std::sync::Arc<V>| std::sync::Arc::ptr_eq(a, b) || a == b;
+    let want = desired
+        .iter()
+        .filter(|(k, v)| last.get(k).is_none_or(|l| !same(l, v)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let have = last
+        .iter()
+        .filter(|(k, v)| desired.get(k).is_none_or(|d| !same(d, v)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (want, have)
+}
+
 /// Whether the object named in a change item was desired identically in `last` and `now`
 /// (then the kernel changed under us).
 fn unchanged_since(last: &DesiredDataplane, now: &DesiredDataplane, item: &str) -> bool {
@@ -191,22 +217,23 @@ mod tests {
     use super::fake::{FailFlags, FakeKernel};
     use super::*;
     use conf::dataplane::{IpSetSpec, Table};
+    use std::sync::Arc;
 
     fn desired() -> DesiredDataplane {
         let mut d = DesiredDataplane::default();
         d.ipsets.insert(
             "warren-all-hosts".into(),
-            IpSetSpec {
+            Arc::new(IpSetSpec {
                 kind: "hash:ip".into(),
                 members: ["10.0.0.1".to_string(), "10.0.0.2".to_string()].into(),
-            },
+            }),
         );
         d.chains.insert(
             (Table::Filter, "WARREN-INPUT".into()),
-            vec![
+            Arc::new(vec![
                 "-p 4 -m set --match-set warren-all-hosts src -j ACCEPT".into(),
                 "-p 4 -j DROP".into(),
-            ],
+            ]),
         );
         d.hooks.insert(Hook {
             table: Table::Filter,
@@ -250,9 +277,7 @@ mod tests {
         assert_eq!(w.runner().rules("filter", "WARREN-INPUT").unwrap().len(), 2);
         // An intended change is not drift.
         let mut d = desired();
-        d.ipsets
-            .get_mut("warren-all-hosts")
-            .unwrap()
+        Arc::make_mut(d.ipsets.get_mut("warren-all-hosts").unwrap())
             .members
             .insert("10.0.0.3".into());
         let r = w.apply(&d, true).unwrap();
@@ -303,14 +328,10 @@ mod tests {
         let reads = w.runner().reads.load(Ordering::Relaxed);
         let writes = w.runner().writes.lock().unwrap().len();
         let mut d = desired();
-        d.ipsets
-            .get_mut("warren-all-hosts")
-            .unwrap()
+        Arc::make_mut(d.ipsets.get_mut("warren-all-hosts").unwrap())
             .members
             .insert("10.0.0.3".into());
-        d.chains
-            .get_mut(&(Table::Filter, "WARREN-INPUT".to_string()))
-            .unwrap()
+        Arc::make_mut(d.chains.get_mut(&(Table::Filter, "WARREN-INPUT".to_string())).unwrap())
             .insert(0, "-p 4 -s 10.0.0.3/32 -j ACCEPT".into());
         let r = w.apply(&d, true).unwrap();
         assert_eq!(r.changed.len(), 2, "{:?}", r.changed);
