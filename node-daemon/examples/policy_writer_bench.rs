@@ -7,7 +7,8 @@
 //! `scale` example, compiled for one node with 100 local pods):
 //! - rules and ipsets (with members) as the kernel holds them after a cold full sync;
 //! - the cold full sync (compile + apply), and a no-op resync (what each periodic drift check costs);
-//! - policy edit → programmed (compile + apply), median and p95 over `--edits` successive edits;
+//! - policy edit → programmed (incremental compile, as warren-node does it, + apply), median and
+//!   p95 over `--edits` successive edits;
 //! - the bench process's peak RSS (it holds what the daemon holds: model, compiled state, writer).
 //!
 //! And one new local pod programmed into a filter table already holding ~100 000 rules versus
@@ -31,8 +32,9 @@ use anyhow::{bail, ensure, Context, Result};
 use cluster::{edit_policy, p50_p95_ms, write_json, Lcg, NODE, SIZES};
 use conf::dataplane::DesiredDataplane;
 use node_daemon::writer::{self, Backend, CmdError, CommandRunner, ExecRunner, Writer};
+use policy::compile::Compiler;
 use policy::model::Model;
-use policy::{compile, NodeCtx};
+use policy::NodeCtx;
 use serde_json::{json, Value};
 
 const JOB: &str = "__job";
@@ -324,10 +326,11 @@ fn run_job(spec: &Value) -> Result<Value> {
     }
 }
 
-fn compiled(m: &Model) -> Result<(DesiredDataplane, Duration)> {
+/// Compiles as warren-node does: incrementally, from what `inc` compiled before.
+fn compiled(inc: &mut Compiler, m: &Model) -> Result<(DesiredDataplane, Duration)> {
     let t = Instant::now();
     let ctx = NodeCtx::from_model(m, NODE, conf::names::HOST_VETH_PREFIX)?;
-    let c = compile(m, &ctx);
+    let c = inc.compile(m, &ctx);
     ensure!(c.errors.is_empty(), "compile errors: {:?}", c.errors);
     Ok((c.dataplane, t.elapsed()))
 }
@@ -371,8 +374,9 @@ fn peak_rss_kib() -> u64 {
 fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value> {
     let backend_name = if b == Backend::nft() { "nft" } else { "legacy" };
     let mut w = Writer::new(Timed::new(), b);
+    let mut inc = Compiler::new();
     let mut m = cluster::cluster(pods, pols);
-    let (desired, compile_time) = compiled(&m)?;
+    let (desired, compile_time) = compiled(&mut inc, &m)?;
     let t = Instant::now();
     let rep = w.apply(&desired, true)?;
     let cold_apply = t.elapsed();
@@ -407,7 +411,7 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     for i in 0..edits {
         let t = Instant::now();
         *kinds.entry(edit_policy(&mut m, i)).or_default() += 1;
-        let (d, c) = compiled(&m)?;
+        let (d, c) = compiled(&mut inc, &m)?;
         let ta = Instant::now();
         let rep = w.apply(&d, true)?;
         let apply = ta.elapsed();
@@ -419,7 +423,7 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     }
     // The next resync reads the kernel back: it must hold exactly what the edits meant.
     w.read_back = true;
-    let (d, _) = compiled(&m)?;
+    let (d, _) = compiled(&mut inc, &m)?;
     let rep = w.apply(&d, true)?;
     ensure!(
         rep.changed.is_empty(),
@@ -488,11 +492,12 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
     const ADDS: usize = 10;
     let backend_name = if b == Backend::nft() { "nft" } else { "legacy" };
     let mut w = Writer::new(Timed::new(), b);
+    let mut inc = Compiler::new();
     let t = Instant::now();
     load_filler(&w, filler)?;
     let filler_load = t.elapsed();
     let mut m = cluster::cluster(1000, 200);
-    let (desired, _) = compiled(&m)?;
+    let (desired, _) = compiled(&mut inc, &m)?;
     w.apply(&desired, true)?;
     let (_, table_rules, _, _) = kernel_counts(&w)?;
     w.runner().take();
@@ -506,7 +511,7 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
     for k in 0..ADDS {
         // A pod number far above the cluster's: a fresh name, address and interface.
         m.pods.push(cluster::pod(&mut r, 50_000 + k, NODE.to_string()));
-        let (d, c) = compiled(&m)?;
+        let (d, c) = compiled(&mut inc, &m)?;
         let t = Instant::now();
         let rep = w.apply(&d, true)?;
         let apply = t.elapsed();

@@ -248,6 +248,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
     );
     let mut tracker = PolicyTracker::default();
+    let mut compiler = policy::compile::Compiler::new();
     tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy behaviour");
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
@@ -293,7 +294,15 @@ async fn run(args: RunArgs) -> Result<()> {
             let np: Vec<NetworkPolicy> = policies.store.state().iter().map(|o| (**o).clone()).collect();
             let nodeport =
                 policy_sync::nodeport_check(cfg.nodeport_policy, cfg.ipip_mode, &cfg.node_name, block, &infos);
-            match policy_sync::build_with(&ns, &ps, &np, &cfg.node_name, conf::names::HOST_VETH_PREFIX, nodeport) {
+            match policy_sync::build_with(
+                &ns,
+                &ps,
+                &np,
+                &cfg.node_name,
+                conf::names::HOST_VETH_PREFIX,
+                nodeport,
+                &mut compiler,
+            ) {
                 Ok(b) => {
                     for e in tracker.compiled(&b, &metrics) {
                         tracing::warn!(namespace = %e.policy.namespace, name = %e.policy.name, reason = %e.reason, "NetworkPolicy not enforced");

@@ -2,8 +2,8 @@
 //! with the policy compiler's: IPIP accepted only from cluster nodes, and natOutgoing.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use conf::daemon::IpipMode;
 use conf::dataplane::{DesiredDataplane, Hook, IpSetSpec, Table};

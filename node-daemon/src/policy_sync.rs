@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::routes::NodeInfo;
 use conf::daemon::{IpipMode, NodePortPolicy};
 use ipnet::Ipv4Net;
-use policy::compile::NodePortCheck;
+use policy::compile::{Compiler, NodePortCheck};
 
 /// One compile's result.
 #[derive(Debug, Clone, Default)]
@@ -48,10 +48,20 @@ pub fn build(
     node: &str,
     veth_prefix: &str,
 ) -> Result<PolicyBuild, PolicySyncError> {
-    build_with(namespaces, pods, policies, node, veth_prefix, None)
+    build_with(
+        namespaces,
+        pods,
+        policies,
+        node,
+        veth_prefix,
+        None,
+        &mut Compiler::new(),
+    )
 }
 
-/// [`build`] with the NodePort check (preserve-source) when `nodeport` is `Some`.
+/// [`build`] with the NodePort check (preserve-source) when `nodeport` is `Some`, compiled
+/// incrementally by `compiler` (the daemon keeps one across passes: a policy edit then costs
+/// what it changes, not the whole cluster).
 pub fn build_with(
     namespaces: &[core::Namespace],
     pods: &[core::Pod],
@@ -59,12 +69,13 @@ pub fn build_with(
     node: &str,
     veth_prefix: &str,
     nodeport: Option<NodePortCheck>,
+    compiler: &mut Compiler,
 ) -> Result<PolicyBuild, PolicySyncError> {
     let start = Instant::now();
     let converted = policy::convert::convert(namespaces, pods, policies);
     let with_nodeport = nodeport.is_some();
     let ctx = policy::NodeCtx::from_model(&converted.model, node, veth_prefix)?.with_nodeport(nodeport);
-    let compiled = policy::compile(&converted.model, &ctx);
+    let compiled = compiler.compile(&converted.model, &ctx);
     let compile_time = start.elapsed();
     let created: BTreeMap<(&str, &str), SystemTime> = pods
         .iter()

@@ -19,7 +19,7 @@
 //!   (pod → own node is always allowed). `OUTPUT` to workloads: allowed for programmed
 //!   workloads (node → own pods, e.g. probes), dropped for unknown `cali*` interfaces.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -28,7 +28,9 @@ use conf::names::{CHAIN_PREFIX, IPSET_PREFIX};
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
-use crate::model::{Direction, Model, Peer, Pod, PolicyError, PolicyRef, PortSpec, Protocol};
+use crate::model::{
+    Direction, Labels, Model, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortSpec, Protocol, Selector,
+};
 use crate::rule::{Action, CtState, Match, Rule, SetDir};
 
 /// Mark bit set by policy chains when a rule allowed the packet (Calico's accept bit).
@@ -278,388 +280,865 @@ fn clear_accept() -> Action {
     }
 }
 
-struct Ctx<'m> {
-    model: &'m Model,
-    /// Namespace → pods with an IP, indices into model.pods.
-    pods_by_ns: BTreeMap<&'m str, Vec<usize>>,
-    /// Every namespace name, known or only referenced by pods.
-    ns_names: BTreeSet<&'m str>,
-    sets: BTreeMap<String, IpSetSpec>,
-    /// Canonical peer identity → set name (cache: the same peer in many policies is one set).
-    set_by_key: HashMap<String, String>,
+/// What an ipset holds, as a function of the cluster (its name is a function of this alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SetDef {
+    /// Pods with an address that a `podSelector`/`namespaceSelector` peer covers.
+    Pods {
+        policy_ns: String,
+        namespaces: Option<Selector>,
+        pods: Option<Selector>,
+    },
+    /// An ipBlock: fixed members (`nomatch` entries for `except`).
+    Block(BTreeSet<String>),
+    /// Every pod's (address, protocol:number) for a port name.
+    NamedPort { name: String, proto: Protocol },
+    /// The addresses of the pods of one ingress group (`WARREN-INGRESS-BY-DST`).
+    Destinations,
 }
 
-impl<'m> Ctx<'m> {
-    fn peer_set(&mut self, policy_ns: &str, peer: &Peer) -> String {
-        let key = match peer {
-            Peer::Pods { namespaces, pods } => format!(
+impl SetDef {
+    fn kind(&self) -> &'static str {
+        match self {
+            SetDef::NamedPort { .. } => "hash:ip,port",
+            SetDef::Destinations => "hash:ip",
+            _ => "hash:net",
+        }
+    }
+
+    /// The member `pod` contributes, if any; `ns_labels` are the labels of the pod's namespace.
+    fn member(&self, pod: &Pod, ns_labels: &Labels) -> Option<String> {
+        let ip = pod.ip?;
+        match self {
+            SetDef::Pods {
+                policy_ns,
+                namespaces,
+                pods,
+            } => {
+                let ns_ok = match namespaces {
+                    None => pod.namespace == *policy_ns,
+                    Some(s) => s.matches(ns_labels),
+                };
+                (ns_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))).then(|| ip.to_string())
+            }
+            SetDef::Block(_) | SetDef::Destinations => None,
+            SetDef::NamedPort { name, proto } => pod
+                .named_port(name, *proto)
+                .map(|port| format!("{ip},{}:{port}", proto.name())),
+        }
+    }
+
+    fn depends_on_namespace_labels(&self) -> bool {
+        matches!(
+            self,
+            SetDef::Pods {
+                namespaces: Some(_),
+                ..
+            }
+        )
+    }
+}
+
+/// The set a peer of a policy in `policy_ns` matches against: its name and definition.
+fn peer_set(policy_ns: &str, peer: &Peer) -> (String, SetDef) {
+    match peer {
+        Peer::Pods { namespaces, pods } => {
+            let key = format!(
                 "pods|{}|{}",
                 match namespaces {
                     None => format!("ns={policy_ns}"),
                     Some(s) => format!("nsel={}", s.canonical()),
                 },
                 pods.as_ref().map(|s| s.canonical()).unwrap_or_else(|| "all".into())
-            ),
-            Peer::IpBlock { cidr, except } => {
-                let mut e: Vec<String> = except.iter().map(|e| e.trunc().to_string()).collect();
-                e.sort();
-                e.dedup();
-                format!("net|{}|{}", cidr.trunc(), e.join(","))
-            }
-        };
-        if let Some(n) = self.set_by_key.get(&key) {
-            return n.clone();
+            );
+            // A namespaceSelector peer covers the same pods whatever the policy's namespace.
+            let def = SetDef::Pods {
+                policy_ns: if namespaces.is_some() {
+                    String::new()
+                } else {
+                    policy_ns.to_string()
+                },
+                namespaces: namespaces.clone(),
+                pods: pods.clone(),
+            };
+            (set_name("s", &key), def)
         }
-        let (kind, spec) = match peer {
-            Peer::Pods { namespaces, pods } => {
-                let mut members = BTreeSet::new();
-                let candidate_ns: Vec<&str> = match namespaces {
-                    None => vec![policy_ns],
-                    Some(s) => self
-                        .ns_names
-                        .iter()
-                        .copied()
-                        .filter(|ns| s.matches(&self.model.ns_labels(ns)))
-                        .collect(),
+        Peer::IpBlock { cidr, except } => {
+            let mut e: Vec<String> = except.iter().map(|e| e.trunc().to_string()).collect();
+            e.sort();
+            e.dedup();
+            let key = format!("net|{}|{}", cidr.trunc(), e.join(","));
+            let mut members = BTreeSet::new();
+            // hash:net cannot hold /0: two halves cover the same addresses.
+            if cidr.prefix_len() == 0 {
+                for half in ["0.0.0.0/1", "128.0.0.0/1"] {
+                    members.insert(half.to_string());
+                }
+            } else {
+                members.insert(net_member(cidr));
+            }
+            for e in except {
+                members.insert(format!("{} nomatch", net_member(e)));
+            }
+            (set_name("b", &key), SetDef::Block(members))
+        }
+    }
+}
+
+/// `hash:ip,port` set of every pod's (IP, protocol:number) for a port name, cluster-wide:
+/// matched with `dst,dst`, it resolves the name on whichever pod the packet goes to.
+fn named_port_set(name: &str, proto: Protocol) -> (String, SetDef) {
+    let key = format!("np|{}|{name}", proto.name());
+    (
+        set_name("n", &key),
+        SetDef::NamedPort {
+            name: name.to_string(),
+            proto,
+        },
+    )
+}
+
+type PodKey = (String, String);
+
+fn pod_key(p: &Pod) -> PodKey {
+    (p.namespace.clone(), p.name.clone())
+}
+
+/// A group chain, with its line in `WARREN-INGRESS-BY-DST` (ingress groups).
+#[derive(Debug)]
+struct GroupChain {
+    name: String,
+    rules: Arc<Vec<String>>,
+    dst_set: String,
+    dst_rule: String,
+}
+
+/// A compiled policy chain.
+#[derive(Debug)]
+struct PolicyChain {
+    name: String,
+    rules: Arc<Vec<String>>,
+    sets: Vec<(String, SetDef)>,
+}
+
+/// An ipset kept up to date by the pods that come, go and change.
+#[derive(Debug)]
+struct SetState {
+    def: SetDef,
+    /// Member → how many pods contribute it (two pods may share an address for a moment).
+    members: BTreeMap<String, u32>,
+    built: Option<Arc<IpSetSpec>>,
+}
+
+impl SetState {
+    fn add(&mut self, m: String) {
+        *self.members.entry(m).or_insert(0) += 1;
+        self.built = None;
+    }
+
+    fn remove(&mut self, m: &str) {
+        if let Some(n) = self.members.get_mut(m) {
+            *n -= 1;
+            if *n == 0 {
+                self.members.remove(m);
+            }
+            self.built = None;
+        }
+    }
+
+    fn spec(&mut self) -> Arc<IpSetSpec> {
+        let kind = self.def.kind();
+        let members = &self.members;
+        self.built
+            .get_or_insert_with(|| {
+                let members = match &self.def {
+                    SetDef::Block(fixed) => fixed.clone(),
+                    _ => members.keys().cloned().collect(),
                 };
-                for ns in candidate_ns {
-                    for &i in self.pods_by_ns.get(ns).map(Vec::as_slice).unwrap_or(&[]) {
-                        let p = &self.model.pods[i];
-                        if let (Some(ip), true) = (p.ip, pods.as_ref().is_none_or(|s| s.matches(&p.labels))) {
-                            members.insert(ip.to_string());
+                Arc::new(IpSetSpec {
+                    kind: kind.into(),
+                    members,
+                })
+            })
+            .clone()
+    }
+}
+
+/// A workload's inputs and its rendered TW and FW chains.
+type WorkloadChains = (WorkloadInput, Arc<Vec<String>>, Arc<Vec<String>>);
+
+/// A local workload: itself, whether its pod is in the model, its address, its groups.
+type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Vec<PolicyRef>; 2]);
+
+/// A local workload's chains, kept while what they are built from is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WorkloadInput {
+    workload: Workload,
+    in_model: bool,
+    ip: Option<Ipv4Addr>,
+    groups: [Option<String>; 2],
+    nodeport: Option<NodePortCheck>,
+}
+
+/// The incremental compiler: the same output as compiling from scratch, at the cost of what
+/// changed since the previous call. It keeps which policies select each pod, each group's
+/// members, each set's members (updated per pod that came, went or changed) and every rendered
+/// chain; a part that did not change is handed out as the same `Arc`, which the writer skips by
+/// pointer. A policy edit then costs that policy's pods and sets, a pod event that pod's
+/// memberships, whatever the size of the cluster (issue 5: one change programmed in < 30 ms at
+/// 10 000 pods). `compile()` is one call on a new compiler, so both paths are one code.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    namespaces: BTreeMap<String, Namespace>,
+    /// The pods as last given, in the caller's order.
+    last_pods: Vec<Pod>,
+    pods: HashMap<PodKey, Pod>,
+    pods_by_ns: HashMap<String, BTreeSet<PodKey>>,
+    policies: BTreeMap<PolicyRef, Policy>,
+    policies_by_ns: HashMap<String, BTreeSet<PolicyRef>>,
+    /// Per pod, the valid policies that select it, per direction (ingress, egress).
+    selecting: HashMap<PodKey, [BTreeSet<PolicyRef>; 2]>,
+    /// Per pod with an address and ingress policies: its address and ingress group.
+    dst_group: HashMap<PodKey, (Ipv4Addr, Vec<PolicyRef>)>,
+    /// Ingress group → addresses of its pods (`WARREN-INGRESS-BY-DST`'s sets).
+    dst_members: HashMap<Vec<PolicyRef>, SetState>,
+    /// Per direction (ingress, egress): ordered policy list → its group chain.
+    group_chains: [HashMap<Vec<PolicyRef>, GroupChain>; 2],
+    /// Per direction: policy → its chain, while the policy is unchanged.
+    policy_chains: [HashMap<PolicyRef, PolicyChain>; 2],
+    sets: HashMap<String, SetState>,
+    workloads: HashMap<String, WorkloadChains>,
+    /// The previous output's small chains, reused when rendered the same.
+    frame: HashMap<(Table, String), Arc<Vec<String>>>,
+}
+
+fn selecting_of(
+    pod: &Pod,
+    policies: &BTreeMap<PolicyRef, Policy>,
+    ids: Option<&BTreeSet<PolicyRef>>,
+) -> [BTreeSet<PolicyRef>; 2] {
+    let mut out: [BTreeSet<PolicyRef>; 2] = Default::default();
+    for id in ids.into_iter().flatten() {
+        if let Some(pol) = policies.get(id) {
+            if pol.pod_selector.matches(&pod.labels) {
+                if pol.ingress_type {
+                    out[0].insert(id.clone());
+                }
+                if pol.egress_type {
+                    out[1].insert(id.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Compiler {
+    pub fn new() -> Compiler {
+        Compiler::default()
+    }
+
+    fn ns_labels<'a>(namespaces: &'a BTreeMap<String, Namespace>, ns: &str) -> &'a Labels {
+        static EMPTY: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
+        namespaces
+            .get(ns)
+            .map(|n| &n.labels)
+            .unwrap_or_else(|| EMPTY.get_or_init(Labels::new))
+    }
+
+    /// Compiles `model` for `node`: equal to [`compile`] of the same inputs.
+    pub fn compile(&mut self, model: &Model, node: &NodeCtx) -> Compiled {
+        let mut out = Compiled::default();
+
+        // Valid policies only; a bad one is reported and the rest still compile.
+        let mut valid: BTreeMap<PolicyRef, &Policy> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for p in &model.policies {
+            let id = p.id();
+            if !seen.insert(id.clone()) {
+                out.errors.push(PolicyError {
+                    policy: id,
+                    reason: "defined twice; the first definition is enforced".into(),
+                });
+                continue;
+            }
+            match p.validate() {
+                Ok(()) => {
+                    valid.insert(id, p);
+                }
+                Err(e) => out.errors.push(e),
+            }
+        }
+
+        // What changed since the previous call.
+        let changed_ns: BTreeSet<String> = self
+            .namespaces
+            .keys()
+            .chain(model.namespaces.keys())
+            .filter(|n| self.namespaces.get(*n).map(|x| &x.labels) != model.namespaces.get(*n).map(|x| &x.labels))
+            .cloned()
+            .collect();
+        // Most events change no pod (policy edits, namespaces, node heartbeats): one pass over
+        // the list in the caller's order settles that without hashing 10 000 keys.
+        let mut new_pods: HashMap<PodKey, &Pod> = HashMap::new();
+        let mut changed_pods: Vec<(PodKey, Option<Pod>)> = vec![];
+        if model.pods != self.last_pods {
+            new_pods = model.pods.iter().map(|p| (pod_key(p), p)).collect();
+            for (k, p) in &new_pods {
+                if self.pods.get(k) != Some(*p) {
+                    changed_pods.push((k.clone(), self.pods.get(k).cloned()));
+                }
+            }
+            for (k, p) in &self.pods {
+                if !new_pods.contains_key(k) {
+                    changed_pods.push((k.clone(), Some(p.clone())));
+                }
+            }
+            self.last_pods = model.pods.clone();
+        }
+        let mut changed_pols: Vec<PolicyRef> = vec![];
+        for (id, p) in &valid {
+            if self.policies.get(id) != Some(*p) {
+                changed_pols.push(id.clone());
+            }
+        }
+        for id in self.policies.keys() {
+            if !valid.contains_key(id) {
+                changed_pols.push(id.clone());
+            }
+        }
+
+        // Inputs → state.
+        for id in &changed_pols {
+            match valid.get(id) {
+                Some(p) => {
+                    self.policies.insert(id.clone(), (*p).clone());
+                    self.policies_by_ns
+                        .entry(id.namespace.clone())
+                        .or_default()
+                        .insert(id.clone());
+                }
+                None => {
+                    self.policies.remove(id);
+                    if let Some(s) = self.policies_by_ns.get_mut(&id.namespace) {
+                        s.remove(id);
+                    }
+                }
+            }
+        }
+        for (k, _) in &changed_pods {
+            match new_pods.get(k) {
+                Some(p) => {
+                    self.pods.insert(k.clone(), (*p).clone());
+                    self.pods_by_ns.entry(k.0.clone()).or_default().insert(k.clone());
+                }
+                None => {
+                    self.pods.remove(k);
+                    if let Some(s) = self.pods_by_ns.get_mut(&k.0) {
+                        s.remove(k);
+                    }
+                }
+            }
+        }
+        let old_namespaces = std::mem::replace(&mut self.namespaces, model.namespaces.clone());
+
+        // Which policies select which pods: changed pods from scratch, then every pod of a
+        // changed policy's namespace for that policy.
+        let mut touched: BTreeSet<PodKey> = BTreeSet::new();
+        for (k, _) in &changed_pods {
+            touched.insert(k.clone());
+            match self.pods.get(k) {
+                Some(p) => {
+                    let sel = selecting_of(p, &self.policies, self.policies_by_ns.get(&k.0));
+                    self.selecting.insert(k.clone(), sel);
+                }
+                None => {
+                    self.selecting.remove(k);
+                }
+            }
+        }
+        let changed_pod_keys: BTreeSet<&PodKey> = changed_pods.iter().map(|(k, _)| k).collect();
+        for id in &changed_pols {
+            let pol = self.policies.get(id);
+            for k in self.pods_by_ns.get(&id.namespace).into_iter().flatten() {
+                if changed_pod_keys.contains(k) {
+                    continue;
+                }
+                let Some(p) = self.pods.get(k) else { continue };
+                let sel = self.selecting.entry(k.clone()).or_default();
+                let before = sel.clone();
+                sel[0].remove(id);
+                sel[1].remove(id);
+                if let Some(pol) = pol.filter(|pol| pol.pod_selector.matches(&p.labels)) {
+                    if pol.ingress_type {
+                        sel[0].insert(id.clone());
+                    }
+                    if pol.egress_type {
+                        sel[1].insert(id.clone());
+                    }
+                }
+                if *sel != before {
+                    touched.insert(k.clone());
+                }
+            }
+        }
+
+        // Ingress groups by destination address, for every pod in the cluster.
+        for k in &touched {
+            let now = match (self.pods.get(k), self.selecting.get(k)) {
+                (Some(p), Some(sel)) if !sel[0].is_empty() => {
+                    p.ip.map(|ip| (ip, sel[0].iter().cloned().collect::<Vec<_>>()))
+                }
+                _ => None,
+            };
+            if self.dst_group.get(k) == now.as_ref() {
+                continue;
+            }
+            if let Some((ip, g)) = self.dst_group.remove(k) {
+                if let Some(s) = self.dst_members.get_mut(&g) {
+                    s.remove(&ip.to_string());
+                    if s.members.is_empty() {
+                        self.dst_members.remove(&g);
+                    }
+                }
+            }
+            if let Some((ip, g)) = now {
+                self.dst_members
+                    .entry(g.clone())
+                    .or_insert_with(|| SetState {
+                        def: SetDef::Destinations,
+                        members: BTreeMap::new(),
+                        built: None,
+                    })
+                    .add(ip.to_string());
+                self.dst_group.insert(k.clone(), (ip, g));
+            }
+        }
+
+        // Local workloads and their groups.
+        let mut workloads: Vec<&Workload> = node.workloads.iter().collect();
+        workloads.sort_by(|a, b| a.iface.cmp(&b.iface));
+        workloads.dedup_by(|a, b| a.iface == b.iface);
+        let mut local: Vec<LocalWorkload> = vec![];
+        for w in &workloads {
+            let k = (w.namespace.clone(), w.pod.clone());
+            let pod = self.pods.get(&k);
+            let groups = match self.selecting.get(&k) {
+                Some(sel) if pod.is_some() => [
+                    sel[0].iter().cloned().collect::<Vec<_>>(),
+                    sel[1].iter().cloned().collect::<Vec<_>>(),
+                ],
+                _ => Default::default(),
+            };
+            local.push((w, pod.is_some(), w.ip.or(pod.and_then(|p| p.ip)), groups));
+        }
+
+        // Groups in use → their chains → the policy chains they jump to → the sets those use.
+        // Borrowed, not cloned: at 10 000 pods this runs over ~1 000 groups on every event.
+        let mut used_groups: [HashSet<&[PolicyRef]>; 2] = Default::default();
+        used_groups[0].extend(self.dst_members.keys().map(Vec::as_slice));
+        for (_, in_model, _, groups) in &local {
+            if !in_model {
+                continue;
+            }
+            for (i, g) in groups.iter().enumerate() {
+                if !g.is_empty() {
+                    used_groups[i].insert(g.as_slice());
+                }
+            }
+        }
+        let mut used_policies: [HashSet<&PolicyRef>; 2] = Default::default();
+        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            self.group_chains[i].retain(|g, _| used_groups[i].contains(g.as_slice()));
+            for g in &used_groups[i] {
+                if !self.group_chains[i].contains_key(*g) {
+                    let (name, rules) = group_chain(d, g);
+                    let dst_set = set_name("gd", &name);
+                    let dst_rule = Rule::new(
+                        vec![Match::Set {
+                            name: dst_set.clone(),
+                            dir: SetDir::Dst,
+                            negate: false,
+                        }],
+                        Action::Goto(name.clone()),
+                    )
+                    .render();
+                    self.group_chains[i].insert(
+                        g.to_vec(),
+                        GroupChain {
+                            name,
+                            rules: Arc::new(rules.iter().map(Rule::render).collect()),
+                            dst_set,
+                            dst_rule,
+                        },
+                    );
+                }
+                used_policies[i].extend(g.iter());
+            }
+        }
+        let changed_pol_set: HashSet<&PolicyRef> = changed_pols.iter().collect();
+        let mut used_sets: HashMap<&str, &SetDef> = HashMap::new();
+        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            self.policy_chains[i].retain(|id, _| used_policies[i].contains(id) && !changed_pol_set.contains(id));
+            for id in &used_policies[i] {
+                if self.policy_chains[i].contains_key(*id) {
+                    continue;
+                }
+                let Some(pol) = self.policies.get(*id) else { continue };
+                let mut sets = vec![];
+                let rules = policy_rules(pol, d, &mut |name, def| sets.push((name, def)));
+                self.policy_chains[i].insert(
+                    (*id).clone(),
+                    PolicyChain {
+                        name: policy_chain_name(id, d),
+                        rules: Arc::new(rules.iter().map(Rule::render).collect()),
+                        sets,
+                    },
+                );
+            }
+        }
+        for pc in self.policy_chains.iter().flat_map(|m| m.values()) {
+            for (name, def) in &pc.sets {
+                used_sets.insert(name, def);
+            }
+        }
+
+        // Sets: new ones filled from scratch, kept ones updated by the pods that changed (all
+        // of a namespace-selector set when namespace labels changed). A set's name is a hash of
+        // its definition, so the name alone tells whether a kept set is still wanted.
+        self.sets.retain(|name, _| used_sets.contains_key(name.as_str()));
+        for (name, def) in used_sets {
+            let fresh = !self.sets.contains_key(name) || (!changed_ns.is_empty() && def.depends_on_namespace_labels());
+            if fresh {
+                let mut st = SetState {
+                    def: def.clone(),
+                    members: BTreeMap::new(),
+                    built: None,
+                };
+                // Only the namespaces the set can cover are walked.
+                let namespaces: Vec<&String> = match &st.def {
+                    SetDef::Block(_) | SetDef::Destinations => vec![],
+                    SetDef::Pods {
+                        namespaces: None,
+                        policy_ns,
+                        ..
+                    } => self
+                        .pods_by_ns
+                        .get_key_value(policy_ns)
+                        .map(|(k, _)| k)
+                        .into_iter()
+                        .collect(),
+                    SetDef::Pods {
+                        namespaces: Some(sel), ..
+                    } => self
+                        .pods_by_ns
+                        .keys()
+                        .filter(|ns| sel.matches(Self::ns_labels(&self.namespaces, ns)))
+                        .collect(),
+                    SetDef::NamedPort { .. } => self.pods_by_ns.keys().collect(),
+                };
+                for ns in namespaces {
+                    let labels = Self::ns_labels(&self.namespaces, ns);
+                    for k in self.pods_by_ns.get(ns).into_iter().flatten() {
+                        if let Some(m) = self.pods.get(k).and_then(|p| st.def.member(p, labels)) {
+                            st.add(m);
                         }
                     }
                 }
-                (
-                    "s",
-                    IpSetSpec {
-                        kind: "hash:net".into(),
-                        members,
-                    },
-                )
+                self.sets.insert(name.to_string(), st);
+                continue;
             }
-            Peer::IpBlock { cidr, except } => {
-                let mut members = BTreeSet::new();
-                // hash:net cannot hold /0: two halves cover the same addresses.
-                if cidr.prefix_len() == 0 {
-                    for half in ["0.0.0.0/1", "128.0.0.0/1"] {
-                        members.insert(half.to_string());
-                    }
-                } else {
-                    members.insert(net_member(cidr));
-                }
-                for e in except {
-                    members.insert(format!("{} nomatch", net_member(e)));
-                }
-                (
-                    "b",
-                    IpSetSpec {
-                        kind: "hash:net".into(),
-                        members,
-                    },
-                )
+            let Some(st) = self.sets.get_mut(name) else { continue };
+            if matches!(st.def, SetDef::Block(_)) {
+                continue;
             }
-        };
-        let name = set_name(kind, &key);
-        self.sets.insert(name.clone(), spec);
-        self.set_by_key.insert(key, name.clone());
-        name
-    }
+            for (k, old) in &changed_pods {
+                if let Some(m) = old
+                    .as_ref()
+                    .and_then(|p| st.def.member(p, Self::ns_labels(&old_namespaces, &p.namespace)))
+                {
+                    st.remove(&m);
+                }
+                if let Some(m) = self
+                    .pods
+                    .get(k)
+                    .and_then(|p| st.def.member(p, Self::ns_labels(&self.namespaces, &p.namespace)))
+                {
+                    st.add(m);
+                }
+            }
+        }
 
-    /// `hash:ip,port` set of every pod's (IP, protocol:number) for a port name, cluster-wide:
-    /// matched with `dst,dst`, it resolves the name on whichever pod the packet goes to.
-    fn named_port_set(&mut self, name: &str, proto: Protocol) -> String {
-        let key = format!("np|{}|{name}", proto.name());
-        if let Some(n) = self.set_by_key.get(&key) {
-            return n.clone();
-        }
-        let mut members = BTreeSet::new();
-        for p in &self.model.pods {
-            if let (Some(ip), Some(port)) = (p.ip, p.named_port(name, proto)) {
-                members.insert(format!("{ip},{}:{port}", proto.name()));
+        // Output.
+        let mut chains: BTreeMap<String, Arc<Vec<String>>> = BTreeMap::new();
+        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            for (id, pc) in &self.policy_chains[i] {
+                out.stats.policy_rules += pc.rules.len();
+                chains.insert(pc.name.clone(), pc.rules.clone());
+                out.policy_chains.insert(pc.name.clone(), (id.clone(), d));
+            }
+            for gc in self.group_chains[i].values() {
+                out.stats.group_rules += gc.rules.len();
+                chains.insert(gc.name.clone(), gc.rules.clone());
             }
         }
-        let set = set_name("n", &key);
-        self.sets.insert(
-            set.clone(),
-            IpSetSpec {
-                kind: "hash:ip,port".into(),
-                members,
-            },
+        let mut sets: BTreeMap<String, Arc<IpSetSpec>> = BTreeMap::new();
+        for (name, st) in &mut self.sets {
+            sets.insert(name.clone(), st.spec());
+        }
+
+        // Ingress by destination IP: one set and one goto per ingress group.
+        let mut targets: Vec<(&str, &str)> = vec![];
+        for (g, st) in &mut self.dst_members {
+            if let Some(gc) = self.group_chains[0].get(g) {
+                sets.insert(gc.dst_set.clone(), st.spec());
+                targets.push((&gc.name, &gc.dst_rule));
+            }
+        }
+        targets.sort_unstable();
+        let mut by_dst = vec![Rule::new(vec![], clear_accept()).render()];
+        by_dst.extend(targets.into_iter().map(|(_, r)| r.to_string()));
+        by_dst.push(
+            Rule::new(vec![], set_accept())
+                .commented("destination not isolated for ingress")
+                .render(),
         );
-        self.set_by_key.insert(key, set.clone());
-        set
+        let mut frame: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+
+        // Per-workload chains.
+        let wild = format!("{}+", node.veth_prefix);
+        let mut from_dispatch = vec![];
+        let mut to_dispatch = vec![];
+        let mut wl_to_host = vec![Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads")];
+        let mut host_to_wl = vec![];
+        let mut workload_rules = 0;
+        let mut seen_ifaces = BTreeSet::new();
+        for (w, in_model, ip, groups) in &local {
+            let tw = workload_chain_name(&w.iface, Direction::Ingress);
+            let fw = workload_chain_name(&w.iface, Direction::Egress);
+            from_dispatch.push(Rule::new(
+                vec![Match::InIface {
+                    name: w.iface.clone(),
+                    negate: false,
+                }],
+                Action::Goto(fw.clone()),
+            ));
+            to_dispatch.push(Rule::new(
+                vec![Match::OutIface {
+                    name: w.iface.clone(),
+                    negate: false,
+                }],
+                Action::Goto(tw.clone()),
+            ));
+            if let Some(ip) = ip {
+                wl_to_host.push(Rule::new(
+                    vec![
+                        Match::InIface {
+                            name: w.iface.clone(),
+                            negate: false,
+                        },
+                        Match::Src {
+                            net: host(*ip),
+                            negate: false,
+                        },
+                    ],
+                    Action::Return,
+                ));
+            }
+            host_to_wl.push(Rule::new(
+                vec![Match::OutIface {
+                    name: w.iface.clone(),
+                    negate: false,
+                }],
+                Action::Return,
+            ));
+            let group_name = |d: Direction, g: &Vec<PolicyRef>| {
+                (!g.is_empty())
+                    .then(|| {
+                        self.group_chains[usize::from(d == Direction::Egress)]
+                            .get(g)
+                            .map(|gc| gc.name.clone())
+                    })
+                    .flatten()
+            };
+            let input = WorkloadInput {
+                workload: (*w).clone(),
+                in_model: *in_model,
+                ip: *ip,
+                groups: [
+                    group_name(Direction::Ingress, &groups[0]),
+                    group_name(Direction::Egress, &groups[1]),
+                ],
+                nodeport: node.nodeport.clone(),
+            };
+            let reuse = self.workloads.get(&w.iface).filter(|(i, _, _)| *i == input);
+            let (tw_rules, fw_rules) = match reuse {
+                Some((_, t, f)) => (t.clone(), f.clone()),
+                None => {
+                    let (t, f) = workload_rules_of(&input);
+                    let t = Arc::new(t.iter().map(Rule::render).collect::<Vec<_>>());
+                    let f = Arc::new(f.iter().map(Rule::render).collect::<Vec<_>>());
+                    self.workloads.insert(w.iface.clone(), (input, t.clone(), f.clone()));
+                    (t, f)
+                }
+            };
+            // + one rule each in the two dispatch chains, WL-TO-HOST and HOST-TO-WL.
+            let this = tw_rules.len() + fw_rules.len() + 4;
+            workload_rules += this;
+            out.stats.max_workload_rules = out.stats.max_workload_rules.max(this);
+            chains.insert(tw, tw_rules);
+            chains.insert(fw, fw_rules);
+            seen_ifaces.insert(w.iface.clone());
+            out.stats.local_workloads += 1;
+        }
+        self.workloads.retain(|iface, _| seen_ifaces.contains(iface));
+        let unknown = |what: &str| Rule::new(vec![], Action::Drop).commented(format!("unknown {what}"));
+        from_dispatch.push(unknown("workload interface"));
+        to_dispatch.push(unknown("workload interface"));
+        wl_to_host.push(unknown("workload interface or spoofed source"));
+        host_to_wl.push(unknown("workload interface"));
+        out.stats.workload_rules = workload_rules;
+        frame.insert(CHAIN_FROM_WL.into(), from_dispatch);
+        frame.insert(CHAIN_TO_WL.into(), to_dispatch);
+        frame.insert(CHAIN_WL_TO_HOST.into(), wl_to_host);
+        frame.insert(CHAIN_HOST_TO_WL.into(), host_to_wl);
+
+        let mut nat: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        frame_chains(node, &wild, &mut frame, &mut sets, &mut nat, &mut out.dataplane.hooks);
+
+        let mut kept = HashMap::new();
+        let mut keep = |table: Table, name: String, rendered: Vec<String>| -> Arc<Vec<String>> {
+            let key = (table, name);
+            let arc = match self.frame.get(&key) {
+                Some(prev) if **prev == rendered => prev.clone(),
+                _ => Arc::new(rendered),
+            };
+            kept.insert(key, arc.clone());
+            arc
+        };
+        for (name, rules) in frame {
+            let rendered = rules.iter().map(Rule::render).collect();
+            let arc = keep(Table::Filter, name.clone(), rendered);
+            chains.insert(name, arc);
+        }
+        let arc = keep(Table::Filter, CHAIN_INGRESS_BY_DST.into(), by_dst);
+        chains.insert(CHAIN_INGRESS_BY_DST.into(), arc);
+        for (name, rules) in nat {
+            let arc = keep(Table::Nat, name.clone(), rules);
+            out.dataplane.chains.insert((Table::Nat, name), arc);
+        }
+        self.frame = kept;
+
+        out.stats.chains = chains.len();
+        for (name, rules) in chains {
+            out.stats.rules += rules.len();
+            out.dataplane.chains.insert((Table::Filter, name), rules);
+        }
+        out.stats.ipsets = sets.len();
+        out.stats.ipset_members = sets.values().map(|s| s.members.len()).sum();
+        out.dataplane.ipsets = sets;
+        out
     }
 }
 
 /// Compiles the model for one node. Pure: same input, same output, no I/O.
 pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
-    let mut out = Compiled::default();
+    Compiler::new().compile(model, node)
+}
 
-    // Valid policies only; a bad one is reported and the rest still compile.
-    let mut seen = BTreeSet::new();
-    let mut valid = vec![];
-    for p in &model.policies {
-        if !seen.insert(p.id()) {
-            out.errors.push(PolicyError {
-                policy: p.id(),
-                reason: "defined twice; the first definition is enforced".into(),
-            });
-            continue;
-        }
-        match p.validate() {
-            Ok(()) => valid.push(p),
-            Err(e) => out.errors.push(e),
-        }
+/// The group chain for an ordered list of policies: its name and body.
+fn group_chain(d: Direction, ids: &[PolicyRef]) -> (String, Vec<Rule>) {
+    let text: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    let name = chain_name(
+        match d {
+            Direction::Ingress => "GI",
+            Direction::Egress => "GE",
+        },
+        &format!("group\n{}", text.join("\n")),
+    );
+    let mut body = vec![];
+    for id in ids {
+        body.push(Rule::new(vec![], Action::Jump(policy_chain_name(id, d))));
+        body.push(Rule::new(vec![mark_is_accept()], Action::Return));
     }
-    // Policies apply as a union, so their order carries no meaning; sorting by identity keeps
-    // the output independent of the order the API server listed them in (no churn on restart).
-    valid.sort_by_key(|p| p.id());
+    (name, body)
+}
 
-    let mut ctx = Ctx {
-        model,
-        pods_by_ns: BTreeMap::new(),
-        ns_names: model.namespaces.keys().map(String::as_str).collect(),
-        sets: BTreeMap::new(),
-        set_by_key: HashMap::new(),
-    };
-    for (i, p) in model.pods.iter().enumerate() {
-        ctx.ns_names.insert(&p.namespace);
-        if p.ip.is_some() {
-            ctx.pods_by_ns.entry(p.namespace.as_str()).or_default().push(i);
-        }
+/// A local workload's TW (ingress) and FW (egress) chains.
+fn workload_rules_of(input: &WorkloadInput) -> (Vec<Rule>, Vec<Rule>) {
+    let conntrack = [
+        Rule::new(
+            vec![Match::CtState(vec![CtState::Related, CtState::Established])],
+            Action::Accept,
+        ),
+        Rule::new(vec![Match::CtState(vec![CtState::Invalid])], Action::Drop),
+        Rule::new(vec![Match::Proto(1), ICMP_FRAG_NEEDED], Action::Accept).commented("path MTU discovery"),
+        Rule::new(vec![], clear_accept()),
+    ];
+    let mut fw_body = vec![match input.ip {
+        Some(ip) => Rule::new(
+            vec![Match::Src {
+                net: host(ip),
+                negate: true,
+            }],
+            Action::Drop,
+        )
+        .commented("anti-spoofing"),
+        None => Rule::new(vec![], Action::Drop).commented("workload has no address yet"),
+    }];
+    fw_body.push(Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads"));
+    let mut tw_body = vec![];
+    if !input.in_model {
+        let r = Rule::new(vec![], Action::Drop).commented("workload not in the cluster model yet");
+        fw_body.push(r.clone());
+        tw_body.push(r);
+        return (tw_body, fw_body);
     }
-
-    // Which valid policies select each pod, per direction (in model order, so stable).
-    let mut all_by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, p) in model.pods.iter().enumerate() {
-        all_by_ns.entry(p.namespace.as_str()).or_default().push(i);
-    }
-    let mut selecting: Vec<[Vec<usize>; 2]> = vec![[vec![], vec![]]; model.pods.len()];
-    for (k, pol) in valid.iter().enumerate() {
-        for &i in all_by_ns.get(pol.namespace.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
-            if pol.pod_selector.matches(&model.pods[i].labels) {
-                if pol.ingress_type {
-                    selecting[i][0].push(k);
+    for (d, body) in [(Direction::Ingress, &mut tw_body), (Direction::Egress, &mut fw_body)] {
+        body.extend(conntrack.iter().cloned());
+        let group = &input.groups[if d == Direction::Ingress { 0 } else { 1 }];
+        match group {
+            None => body.push(Rule::new(vec![], set_accept()).commented(format!("no {} policy", d.name()))),
+            Some(g) => {
+                if let (Direction::Ingress, Some(np)) = (d, &input.nodeport) {
+                    body.push(
+                        Rule::new(
+                            vec![
+                                Match::InIface {
+                                    name: np.tunnel_iface.clone(),
+                                    negate: false,
+                                },
+                                Match::Set {
+                                    name: SET_NODEPORT_PEERS.into(),
+                                    dir: SetDir::Src,
+                                    negate: false,
+                                },
+                            ],
+                            set_accept(),
+                        )
+                        .commented("service traffic checked by the node that received it"),
+                    );
+                    body.push(Rule::new(vec![mark_is_accept()], Action::Return));
                 }
-                if pol.egress_type {
-                    selecting[i][1].push(k);
-                }
+                body.push(Rule::new(vec![], Action::Jump(g.clone())));
+                body.push(Rule::new(vec![mark_is_accept()], Action::Return));
+                body.push(Rule::new(vec![], Action::Drop).commented(format!("no {} policy allowed", d.name())));
             }
         }
     }
+    (tw_body, fw_body)
+}
 
-    let mut chains: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
-    let mut group_names: HashMap<(Direction, Vec<usize>), String> = HashMap::new();
-
-    // Builds (once) the group chain for a policy set and the policy chains it jumps to.
-    let mut ensure_group = |d: Direction,
-                            pols: &[usize],
-                            ctx: &mut Ctx,
-                            chains: &mut BTreeMap<String, Vec<Rule>>,
-                            out: &mut Compiled|
-     -> String {
-        if let Some(n) = group_names.get(&(d, pols.to_vec())) {
-            return n.clone();
-        }
-        let ids: Vec<String> = pols.iter().map(|&k| valid[k].id().to_string()).collect();
-        let gname = chain_name(
-            match d {
-                Direction::Ingress => "GI",
-                Direction::Egress => "GE",
-            },
-            &format!("group\n{}", ids.join("\n")),
-        );
-        let mut body = vec![];
-        for &k in pols {
-            let pol = valid[k];
-            let pchain = policy_chain_name(&pol.id(), d);
-            if !chains.contains_key(&pchain) {
-                let rules = policy_rules(ctx, pol, d);
-                out.stats.policy_rules += rules.len();
-                chains.insert(pchain.clone(), rules);
-                out.policy_chains.insert(pchain.clone(), (pol.id(), d));
-            }
-            body.push(Rule::new(vec![], Action::Jump(pchain)));
-            body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-        }
-        out.stats.group_rules += body.len();
-        chains.insert(gname.clone(), body);
-        group_names.insert((d, pols.to_vec()), gname.clone());
-        gname
-    };
-
-    // Ingress by destination IP, for every pod in the cluster with an IP.
-    let mut by_dst_groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (i, p) in model.pods.iter().enumerate() {
-        if let (Some(ip), false) = (p.ip, selecting[i][0].is_empty()) {
-            let g = ensure_group(Direction::Ingress, &selecting[i][0], &mut ctx, &mut chains, &mut out);
-            by_dst_groups.entry(g).or_default().insert(ip.to_string());
-        }
-    }
-    let mut by_dst = vec![Rule::new(vec![], clear_accept())];
-    for (g, members) in by_dst_groups {
-        let set = set_name("gd", &g);
-        ctx.sets.insert(
-            set.clone(),
-            IpSetSpec {
-                kind: "hash:ip".into(),
-                members,
-            },
-        );
-        by_dst.push(Rule::new(
-            vec![Match::Set {
-                name: set,
-                dir: SetDir::Dst,
-                negate: false,
-            }],
-            Action::Goto(g),
-        ));
-    }
-    by_dst.push(Rule::new(vec![], set_accept()).commented("destination not isolated for ingress"));
-    chains.insert(CHAIN_INGRESS_BY_DST.into(), by_dst);
-
-    // Per-workload chains.
-    let pod_index: HashMap<(&str, &str), usize> = model
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| ((p.namespace.as_str(), p.name.as_str()), i))
-        .collect();
-    let wild = format!("{}+", node.veth_prefix);
-    let mut from_dispatch = vec![];
-    let mut to_dispatch = vec![];
-    let mut wl_to_host = vec![Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads")];
-    let mut host_to_wl = vec![];
-    let mut workload_rules = 0;
-    let mut workloads: Vec<&Workload> = node.workloads.iter().collect();
-    workloads.sort_by(|a, b| a.iface.cmp(&b.iface));
-    workloads.dedup_by(|a, b| a.iface == b.iface);
-    for w in workloads {
-        let idx = pod_index.get(&(w.namespace.as_str(), w.pod.as_str())).copied();
-        let pod: Option<&Pod> = idx.map(|i| &model.pods[i]);
-        let ip = w.ip.or(pod.and_then(|p| p.ip));
-        let tw = workload_chain_name(&w.iface, Direction::Ingress);
-        let fw = workload_chain_name(&w.iface, Direction::Egress);
-        from_dispatch.push(Rule::new(
-            vec![Match::InIface {
-                name: w.iface.clone(),
-                negate: false,
-            }],
-            Action::Goto(fw.clone()),
-        ));
-        to_dispatch.push(Rule::new(
-            vec![Match::OutIface {
-                name: w.iface.clone(),
-                negate: false,
-            }],
-            Action::Goto(tw.clone()),
-        ));
-        if let Some(ip) = ip {
-            wl_to_host.push(Rule::new(
-                vec![
-                    Match::InIface {
-                        name: w.iface.clone(),
-                        negate: false,
-                    },
-                    Match::Src {
-                        net: host(ip),
-                        negate: false,
-                    },
-                ],
-                Action::Return,
-            ));
-        }
-        host_to_wl.push(Rule::new(
-            vec![Match::OutIface {
-                name: w.iface.clone(),
-                negate: false,
-            }],
-            Action::Return,
-        ));
-
-        let conntrack = [
-            Rule::new(
-                vec![Match::CtState(vec![CtState::Related, CtState::Established])],
-                Action::Accept,
-            ),
-            Rule::new(vec![Match::CtState(vec![CtState::Invalid])], Action::Drop),
-            Rule::new(vec![Match::Proto(1), ICMP_FRAG_NEEDED], Action::Accept).commented("path MTU discovery"),
-            Rule::new(vec![], clear_accept()),
-        ];
-        let mut fw_body = vec![match ip {
-            Some(ip) => Rule::new(
-                vec![Match::Src {
-                    net: host(ip),
-                    negate: true,
-                }],
-                Action::Drop,
-            )
-            .commented("anti-spoofing"),
-            None => Rule::new(vec![], Action::Drop).commented("workload has no address yet"),
-        }];
-        fw_body.push(Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads"));
-        let mut tw_body = vec![];
-        match idx {
-            None => {
-                let r = Rule::new(vec![], Action::Drop).commented("workload not in the cluster model yet");
-                fw_body.push(r.clone());
-                tw_body.push(r);
-            }
-            Some(i) => {
-                for (d, body) in [(Direction::Ingress, &mut tw_body), (Direction::Egress, &mut fw_body)] {
-                    body.extend(conntrack.iter().cloned());
-                    let pols = &selecting[i][if d == Direction::Ingress { 0 } else { 1 }];
-                    if pols.is_empty() {
-                        body.push(Rule::new(vec![], set_accept()).commented(format!("no {} policy", d.name())));
-                    } else {
-                        if let (Direction::Ingress, Some(np)) = (d, &node.nodeport) {
-                            body.push(
-                                Rule::new(
-                                    vec![
-                                        Match::InIface {
-                                            name: np.tunnel_iface.clone(),
-                                            negate: false,
-                                        },
-                                        Match::Set {
-                                            name: SET_NODEPORT_PEERS.into(),
-                                            dir: SetDir::Src,
-                                            negate: false,
-                                        },
-                                    ],
-                                    set_accept(),
-                                )
-                                .commented("service traffic checked by the node that received it"),
-                            );
-                            body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-                        }
-                        let g = ensure_group(d, pols, &mut ctx, &mut chains, &mut out);
-                        body.push(Rule::new(vec![], Action::Jump(g)));
-                        body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-                        body.push(Rule::new(vec![], Action::Drop).commented(format!("no {} policy allowed", d.name())));
-                    }
-                }
-            }
-        }
-        // + one rule each in the two dispatch chains, WL-TO-HOST and HOST-TO-WL.
-        let this = tw_body.len() + fw_body.len() + 4;
-        workload_rules += this;
-        out.stats.max_workload_rules = out.stats.max_workload_rules.max(this);
-        chains.insert(tw, tw_body);
-        chains.insert(fw, fw_body);
-        out.stats.local_workloads += 1;
-    }
-    let unknown = |what: &str| Rule::new(vec![], Action::Drop).commented(format!("unknown {what}"));
-    from_dispatch.push(unknown("workload interface"));
-    to_dispatch.push(unknown("workload interface"));
-    wl_to_host.push(unknown("workload interface or spoofed source"));
-    host_to_wl.push(unknown("workload interface"));
-    out.stats.workload_rules = workload_rules;
-    chains.insert(CHAIN_FROM_WL.into(), from_dispatch);
-    chains.insert(CHAIN_TO_WL.into(), to_dispatch);
-    chains.insert(CHAIN_WL_TO_HOST.into(), wl_to_host);
-    chains.insert(CHAIN_HOST_TO_WL.into(), host_to_wl);
-
+/// The chains every node has whatever its workloads (FORWARD/INPUT/OUTPUT entry chains, the
+/// NodePort check), the nat chain and set of preserve-source, and the hooks.
+fn frame_chains(
+    node: &NodeCtx,
+    wild: &str,
+    chains: &mut BTreeMap<String, Vec<Rule>>,
+    sets: &mut BTreeMap<String, Arc<IpSetSpec>>,
+    nat: &mut BTreeMap<String, Vec<String>>,
+    hooks: &mut BTreeSet<Hook>,
+) {
     let iface = |name: &str, out_dir: bool| {
         if out_dir {
             Match::OutIface {
@@ -675,17 +1154,17 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
     };
     let mut forward = vec![
         Rule::new(vec![], clear_accept()),
-        Rule::new(vec![iface(&wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
-        Rule::new(vec![iface(&wild, true)], Action::Jump(CHAIN_TO_WL.into())),
+        Rule::new(vec![iface(wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
+        Rule::new(vec![iface(wild, true)], Action::Jump(CHAIN_TO_WL.into())),
     ];
     let mut output = vec![
         // IPVS sends the service connections it forwards to local pods out through OUTPUT, with
         // the client's address: they get the pod's ingress policy as forwarded traffic does.
         Rule::new(
-            vec![iface(&wild, true), Match::SrcLocal { negate: true }],
+            vec![iface(wild, true), Match::SrcLocal { negate: true }],
             Action::Jump(CHAIN_TO_WL.into()),
         ),
-        Rule::new(vec![iface(&wild, true)], Action::Jump(CHAIN_HOST_TO_WL.into())),
+        Rule::new(vec![iface(wild, true)], Action::Jump(CHAIN_HOST_TO_WL.into())),
     ];
     if let Some(np) = &node.nodeport {
         let service = |extra: Match| {
@@ -730,21 +1209,21 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
                 Rule::new(vec![], Action::Drop).commented("the destination pod's ingress policy denies the client"),
             ],
         );
-        ctx.sets.insert(
+        sets.insert(
             SET_NODEPORT_PEERS.into(),
-            IpSetSpec {
+            Arc::new(IpSetSpec {
                 kind: "hash:ip".into(),
                 members: np.peer_sources.iter().map(|ip| ip.to_string()).collect(),
-            },
+            }),
         );
-        out.dataplane.chains.insert(
-            (Table::Nat, CHAIN_NODEPORT_SNAT.into()),
-            Arc::new(vec![format!(
+        nat.insert(
+            CHAIN_NODEPORT_SNAT.into(),
+            vec![format!(
                 "-o {} -m mark --mark {MARK_CHECKED:#x}/{MARK_CHECKED:#x} -j SNAT --to-source {}",
                 np.tunnel_iface, np.local_source
-            )]),
+            )],
         );
-        out.dataplane.hooks.insert(Hook {
+        hooks.insert(Hook {
             table: Table::Nat,
             chain: "POSTROUTING".into(),
             rule: format!("-j {CHAIN_NODEPORT_SNAT}"),
@@ -756,7 +1235,7 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
     chains.insert(
         CHAIN_INPUT.into(),
         vec![Rule::new(
-            vec![iface(&wild, false)],
+            vec![iface(wild, false)],
             Action::Jump(CHAIN_WL_TO_HOST.into()),
         )],
     );
@@ -767,24 +1246,13 @@ pub fn compile(model: &Model, node: &NodeCtx) -> Compiled {
         ("INPUT", CHAIN_INPUT),
         ("OUTPUT", CHAIN_OUTPUT),
     ] {
-        out.dataplane.hooks.insert(Hook {
+        hooks.insert(Hook {
             table: Table::Filter,
             chain: builtin.into(),
             rule: format!("-j {ours}"),
             first: true,
         });
     }
-    out.stats.chains = chains.len();
-    for (name, rules) in chains {
-        out.stats.rules += rules.len();
-        out.dataplane
-            .chains
-            .insert((Table::Filter, name), Arc::new(rules.iter().map(Rule::render).collect()));
-    }
-    out.stats.ipsets = ctx.sets.len();
-    out.stats.ipset_members = ctx.sets.values().map(|s| s.members.len()).sum();
-    out.dataplane.ipsets = ctx.sets.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-    out
 }
 
 /// The desired state as text: `ipset restore` lines, then an `iptables-restore` payload per
@@ -824,8 +1292,9 @@ pub fn render_text(dp: &DesiredDataplane) -> String {
 }
 
 /// The rules of one policy chain: per rule, one iptables rule per (port, peer) that sets the
-/// accept mark, then a return once marked (so the first allowing rule is the one named).
-fn policy_rules(ctx: &mut Ctx, pol: &crate::model::Policy, d: Direction) -> Vec<Rule> {
+/// accept mark, then a return once marked (so the first allowing rule is the one named). Every
+/// set a rule matches is reported to `uses` (name, definition).
+fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)) -> Vec<Rule> {
     let mut rules = vec![];
     let dir = match d {
         Direction::Ingress => SetDir::Src,
@@ -839,8 +1308,10 @@ fn policy_rules(ctx: &mut Ctx, pol: &crate::model::Policy, d: Direction) -> Vec<
             r.peers
                 .iter()
                 .map(|p| {
+                    let (name, def) = peer_set(&pol.namespace, p);
+                    uses(name.clone(), def);
                     vec![Match::Set {
-                        name: ctx.peer_set(&pol.namespace, p),
+                        name,
                         dir,
                         negate: false,
                     }]
@@ -860,11 +1331,15 @@ fn policy_rules(ctx: &mut Ctx, pol: &crate::model::Policy, d: Direction) -> Vec<
                             lo: *port,
                             hi: end.unwrap_or(*port),
                         }),
-                        Some(PortSpec::Named(n)) => m.push(Match::Set {
-                            name: ctx.named_port_set(n, pm.protocol),
-                            dir: SetDir::DstDst,
-                            negate: false,
-                        }),
+                        Some(PortSpec::Named(n)) => {
+                            let (name, def) = named_port_set(n, pm.protocol);
+                            uses(name.clone(), def);
+                            m.push(Match::Set {
+                                name,
+                                dir: SetDir::DstDst,
+                                negate: false,
+                            })
+                        }
                     }
                     m
                 })

@@ -4,6 +4,8 @@
 //!   reports (and skips) policies warren cannot enforce.
 //! - [`compile()`]: model + this node's workloads → [`conf::dataplane::DesiredDataplane`] (ipsets and
 //!   filter chains, Calico's layout with warren's names; see [`compile`] module docs).
+//!   [`compile::Compiler`] is the same compiler kept across calls: it recomputes only what changed
+//!   (`compile()` is one call on a new one; a property test holds the two equal).
 //! - [`rule`]: the structured iptables rule that renders to, and parses from, the rule strings.
 //! - [`interp`]: an in-memory netfilter that runs packets through compiled output.
 //! - [`reference`]: the Kubernetes semantics evaluated directly, the oracle for tests.

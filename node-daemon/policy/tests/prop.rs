@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use policy::compile::{Compiler, NodePortCheck};
 use policy::model::{
     Direction, Model, NamedPort, Namespace, Operator, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Requirement,
     Rule, Selector,
@@ -281,5 +282,85 @@ proptest! {
         reordered.policies.reverse();
         let c = compile(&reordered, &ctx);
         prop_assert_eq!(&a.dataplane, &c.dataplane);
+    }
+
+    #[test]
+    fn incremental_compile_equals_compile_from_scratch(
+        m in model(),
+        edits in proptest::collection::vec(edit(), 1..14),
+        nodeport in any::<bool>(),
+    ) {
+        let mut m = m;
+        let mut inc = Compiler::new();
+        let check = |inc: &mut Compiler, m: &Model, step: usize| -> Result<(), TestCaseError> {
+            let np = (nodeport && step % 3 != 2).then(|| NodePortCheck {
+                tunnel_iface: "tunl0".into(),
+                local_source: Ipv4Addr::new(10, 1, 1, 1),
+                peer_sources: [Ipv4Addr::new(10, 1, 2, 1)].into(),
+                kube_masq_mark: 0x4000,
+            });
+            let ctx = NodeCtx::from_model(m, "n1", "cali").unwrap().with_nodeport(np);
+            let got = inc.compile(m, &ctx);
+            let want = compile(m, &ctx);
+            prop_assert_eq!(&got.dataplane, &want.dataplane, "after step {}", step);
+            prop_assert_eq!(&got.errors, &want.errors);
+            prop_assert_eq!(&got.policy_chains, &want.policy_chains);
+            prop_assert_eq!(&got.stats, &want.stats);
+            Ok(())
+        };
+        check(&mut inc, &m, 0)?;
+        for (step, e) in edits.into_iter().enumerate() {
+            apply_edit(&mut m, e);
+            check(&mut inc, &m, step + 1)?;
+        }
+    }
+}
+
+/// One thing that happens to a cluster between two compiles.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// Pod `pod<i>` created, or changed (labels, address, ports, even namespace).
+    Pod(usize, Pod),
+    DropPod(usize),
+    /// Pod `pod<i>` takes the address of `pod<j>` (an address reused before the old pod is gone).
+    ReuseIp(usize, usize),
+    Policy(usize, Policy),
+    DropPolicy(usize),
+    Namespace(usize, BTreeMap<String, String>),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        3 => (0..10usize).prop_flat_map(|i| pod(i).prop_map(move |p| Edit::Pod(i, p))),
+        1 => (0..10usize).prop_map(Edit::DropPod),
+        1 => (0..10usize, 0..10usize).prop_map(|(i, j)| Edit::ReuseIp(i, j)),
+        3 => (0..6usize).prop_flat_map(|i| policy(i).prop_map(move |p| Edit::Policy(i, p))),
+        1 => (0..6usize).prop_map(Edit::DropPolicy),
+        1 => (0..3usize, ns_labels()).prop_map(|(i, l)| Edit::Namespace(i, l)),
+    ]
+}
+
+fn apply_edit(m: &mut Model, e: Edit) {
+    match e {
+        Edit::Pod(i, p) => match m.pods.iter_mut().find(|x| x.name == format!("pod{i}")) {
+            Some(x) => *x = p,
+            None => m.pods.push(p),
+        },
+        Edit::DropPod(i) => m.pods.retain(|x| x.name != format!("pod{i}")),
+        Edit::ReuseIp(i, j) => {
+            let ip = m.pods.iter().find(|x| x.name == format!("pod{j}")).and_then(|x| x.ip);
+            if let Some(x) = m.pods.iter_mut().find(|x| x.name == format!("pod{i}")) {
+                x.ip = ip;
+            }
+        }
+        Edit::Policy(i, p) => match m.policies.iter_mut().find(|x| x.name == format!("p{i}")) {
+            Some(x) => *x = p,
+            None => m.policies.push(p),
+        },
+        Edit::DropPolicy(i) => m.policies.retain(|x| x.name != format!("p{i}")),
+        Edit::Namespace(i, labels) => {
+            let name = format!("ns{i}");
+            m.namespaces.insert(name.clone(), Namespace { name, labels });
+        }
     }
 }

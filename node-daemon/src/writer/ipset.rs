@@ -192,7 +192,10 @@ mod tests {
     #[test]
     fn should_destroy_stale_sets_only_after_sync_and_after_iptables() {
         let actual = parse_save("create warren-old hash:ip family inet\n");
-        assert_eq!(plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, false), SetPlan::default());
+        assert_eq!(
+            plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, false),
+            SetPlan::default()
+        );
         let p = plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, true);
         assert_eq!(p.before, "");
         assert_eq!(p.after, "destroy warren-old\n");

@@ -374,7 +374,13 @@ mod tests {
             ":FORWARD ACCEPT [0:0]\n-A FORWARD -m comment --comment warren:{hash} -j WARREN-FORWARD\n\
              -A FORWARD -m comment --comment \"warren:{hash}\" -j WARREN-FORWARD\n"
         );
-        let plan = plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false);
+        let plan = plan_table(
+            Table::Filter,
+            &BTreeMap::<String, Vec<String>>::new(),
+            &[&h],
+            &parse_save(&text),
+            false,
+        );
         assert_eq!(plan.restore.matches("-D FORWARD").count(), 1, "{}", plan.restore);
         assert!(!plan.restore.contains("-I FORWARD"));
     }
@@ -387,7 +393,13 @@ mod tests {
             ":INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.1/32 -j DROP\n\
              -A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n"
         );
-        let plan = plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false);
+        let plan = plan_table(
+            Table::Filter,
+            &BTreeMap::<String, Vec<String>>::new(),
+            &[&h],
+            &parse_save(&text),
+            false,
+        );
         let lines: Vec<&str> = plan.restore.lines().collect();
         assert!(
             lines[1].starts_with("-D INPUT -m comment --comment warren:"),
@@ -402,7 +414,13 @@ mod tests {
              -A INPUT -s 10.0.0.1/32 -j DROP\n"
         );
         assert_eq!(
-            plan_table(Table::Filter, &BTreeMap::<String, Vec<String>>::new(), &[&h], &parse_save(&text), false),
+            plan_table(
+                Table::Filter,
+                &BTreeMap::<String, Vec<String>>::new(),
+                &[&h],
+                &parse_save(&text),
+                false
+            ),
             TablePlan::default()
         );
     }
