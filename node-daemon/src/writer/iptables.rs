@@ -281,6 +281,17 @@ mod tests {
         assert_eq!(all["filter"].chains["INPUT"][0].hash.as_deref(), Some("abc"));
     }
 
+    /// Plans a table where warren wants no chains, only the hook `h`, against `saved`.
+    fn plan_hooks_only(h: &Hook, saved: &str) -> TablePlan {
+        plan_table(
+            Table::Filter,
+            &BTreeMap::<String, Vec<String>>::new(),
+            &[h],
+            &parse_save(saved),
+            false,
+        )
+    }
+
     fn hook(chain: &str, rule: &str) -> Hook {
         Hook {
             table: Table::Filter,
@@ -374,13 +385,7 @@ mod tests {
             ":FORWARD ACCEPT [0:0]\n-A FORWARD -m comment --comment warren:{hash} -j WARREN-FORWARD\n\
              -A FORWARD -m comment --comment \"warren:{hash}\" -j WARREN-FORWARD\n"
         );
-        let plan = plan_table(
-            Table::Filter,
-            &BTreeMap::<String, Vec<String>>::new(),
-            &[&h],
-            &parse_save(&text),
-            false,
-        );
+        let plan = plan_hooks_only(&h, &text);
         assert_eq!(plan.restore.matches("-D FORWARD").count(), 1, "{}", plan.restore);
         assert!(!plan.restore.contains("-I FORWARD"));
     }
@@ -393,13 +398,7 @@ mod tests {
             ":INPUT ACCEPT [0:0]\n-A INPUT -s 10.0.0.1/32 -j DROP\n\
              -A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n"
         );
-        let plan = plan_table(
-            Table::Filter,
-            &BTreeMap::<String, Vec<String>>::new(),
-            &[&h],
-            &parse_save(&text),
-            false,
-        );
+        let plan = plan_hooks_only(&h, &text);
         let lines: Vec<&str> = plan.restore.lines().collect();
         assert!(
             lines[1].starts_with("-D INPUT -m comment --comment warren:"),
@@ -413,16 +412,7 @@ mod tests {
             ":INPUT ACCEPT [0:0]\n-A INPUT -m comment --comment warren:{hash} -j WARREN-INPUT\n\
              -A INPUT -s 10.0.0.1/32 -j DROP\n"
         );
-        assert_eq!(
-            plan_table(
-                Table::Filter,
-                &BTreeMap::<String, Vec<String>>::new(),
-                &[&h],
-                &parse_save(&text),
-                false
-            ),
-            TablePlan::default()
-        );
+        assert_eq!(plan_hooks_only(&h, &text), TablePlan::default());
     }
 
     #[test]
