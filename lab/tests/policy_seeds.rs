@@ -515,6 +515,11 @@ fn drift(lab: &Lab, f: &SeedFile) -> Vec<(String, Duration)> {
     kubectl_apply(lab, &write_tmp(lab, "drift-policy.yaml", policy));
     let enforced = |lab: &Lab| probe(lab, "nsb/b1", "nsa/a3", "6379") && !probe(lab, "nsc/c1", "nsa/a3", "6379");
     back_within("policy enforced before drift", STEP_DEADLINE, || enforced(lab));
+    // Changes are written make-before-break; what they leave is cleaned up a second later. The
+    // reference state below is read once that is done, as a user comparing dumps would.
+    back_within("make-before-break leftovers cleaned up", STEP_DEADLINE, || {
+        metric(&metrics(lab, "node2"), "warren_dataplane_untidy") == 0
+    });
     let mut times = Vec::new();
     let limit = RESYNC + APPLY_SLACK;
 

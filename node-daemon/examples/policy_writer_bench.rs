@@ -8,7 +8,8 @@
 //! - rules and ipsets (with members) as the kernel holds them after a cold full sync;
 //! - the cold full sync (compile + apply), and a no-op resync (what each periodic drift check costs);
 //! - policy edit → programmed (incremental compile, as warren-node does it, + apply), median and
-//!   p95 over `--edits` successive edits;
+//!   p95 over `--edits` successive edits (with iptables-nft written make-before-break; the
+//!   cleanup warren-node does a second later, off the latency path, is timed on its own);
 //! - the bench process's peak RSS (it holds what the daemon holds: model, compiled state, writer).
 //!
 //! And one new local pod programmed into a filter table already holding ~100 000 rules versus
@@ -132,9 +133,9 @@ fn orchestrate(o: &Opts) -> Result<()> {
     let mut syncs = vec![];
     println!("Writer at scale, node {NODE} (100 local pods); times in ms; edit = compile + apply, {} successive policy edits", o.edits);
     println!(
-        "| backend | pods | policies | warren rules | ipsets | members | cold sync (compile+apply) | no-op resync | edit p50 | edit p95 | of which apply p50 | peak RSS MiB |"
+        "| backend | pods | policies | warren rules | ipsets | members | cold sync (compile+apply) | no-op resync | edit p50 | edit p95 | of which apply p50 | later cleanup p50 | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for b in &o.backends {
         for (pods, pols) in SIZES {
             seq += 1;
@@ -143,7 +144,7 @@ fn orchestrate(o: &Opts) -> Result<()> {
                 seq,
             )?;
             println!(
-                "| {b} | {pods} | {pols} | {} | {} | {} | {:.0} ({:.0}+{:.0}) | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
+                "| {b} | {pods} | {pols} | {} | {} | {} | {:.0} ({:.0}+{:.0}) | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} |",
                 r["warren_rules"],
                 r["ipsets"],
                 r["ipset_members"],
@@ -154,6 +155,7 @@ fn orchestrate(o: &Opts) -> Result<()> {
                 f(&r["edit_total_ms_p50"]),
                 f(&r["edit_total_ms_p95"]),
                 f(&r["edit_apply_ms_p50"]),
+                f(&r["edit_tidy_ms_p50"]),
                 f(&r["peak_rss_kib"]) / 1024.0
             );
             syncs.push(r);
@@ -408,6 +410,7 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     let mut compiles = vec![];
     let mut breakdowns = vec![];
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut tidies = vec![];
     for i in 0..edits {
         let t = Instant::now();
         *kinds.entry(edit_policy(&mut m, i)).or_default() += 1;
@@ -420,6 +423,12 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
         compiles.push(c);
         ensure!(!rep.changed.is_empty(), "edit {i} changed nothing in the kernel");
         breakdowns.push(with_in_process(w.runner().take(), apply));
+        // warren-node removes make-before-break leftovers once events are quiet for a second,
+        // off the latency path; timed on its own.
+        let tt = Instant::now();
+        w.tidy()?;
+        tidies.push(tt.elapsed());
+        w.runner().take();
     }
     // The next resync reads the kernel back: it must hold exactly what the edits meant.
     w.read_back = true;
@@ -434,8 +443,11 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     let (tp50, tp95) = p50_p95_ms(&totals);
     let (ap50, ap95) = p50_p95_ms(&applies);
     let (cp50, _) = p50_p95_ms(&compiles);
+    let (tidy50, _) = p50_p95_ms(&tidies);
     Ok(json!({
         "backend": backend_name,
+        "make_before_break": w.make_before_break,
+        "edit_tidy_ms_p50": tidy50,
         "pods": pods,
         "policies": pols,
         "warren_rules": warren_rules,
@@ -525,6 +537,8 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
             rep.changed
         );
         breakdowns.push(with_in_process(w.runner().take(), apply));
+        w.tidy()?;
+        w.runner().take();
     }
     let (ap50, ap95) = p50_p95_ms(&applies);
     let (cp50, _) = p50_p95_ms(&compiles);

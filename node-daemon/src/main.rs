@@ -30,6 +30,8 @@ use tokio::sync::Notify;
 
 /// Pause after a watch event before compiling, so that a burst of events costs one pass.
 const POLICY_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Quiet time after a make-before-break write before its leftovers are removed.
+const TIDY_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(name = "warren-node", version, about = "warren's node daemon")]
@@ -257,8 +259,26 @@ async fn run(args: RunArgs) -> Result<()> {
     // What the last successful pass programmed; an event that changes none of it (a Node's
     // heartbeat, a pod's status) needs no pass until the resync reads the kernel back anyway.
     let mut programmed: Option<(Vec<NodeInfo>, Option<DesiredDataplane>)> = None;
+    // When to remove what make-before-break writes left (dead rules, stale chains and sets): once
+    // events have been quiet for TIDY_DELAY, so bursts of changes pay no deletions.
+    let mut tidy_at: Option<tokio::time::Instant> = None;
     loop {
+        let tidy_due = async move {
+            match tidy_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let resync = tokio::select! {
+            _ = tidy_due => {
+                tidy_at = None;
+                if let Err(e) = rec.tidy() {
+                    // The next pass reads the kernel back, which cleans up as well.
+                    programmed = None;
+                    tracing::warn!(error = %e, "dataplane cleanup failed; the next sync repairs it");
+                }
+                continue;
+            }
             _ = changed.notified() => {
                 // Debounce: a burst of watch events (a Deployment scaling, a relist) becomes one
                 // compile; events during the pause leave a permit for one more pass.
@@ -344,6 +364,7 @@ async fn run(args: RunArgs) -> Result<()> {
         {
             Ok(o) => {
                 programmed = Some(inputs);
+                tidy_at = (rec.writer.untidy() > 0).then(|| tokio::time::Instant::now() + TIDY_DELAY);
                 if let Some(b) = &build {
                     let apply = start.elapsed();
                     metrics.policy_apply_micros_last.store(

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub dataplane_apply_errors: AtomicU64,
     pub dataplane_apply_micros_total: AtomicU64,
     pub drift_repairs: AtomicU64,
+    /// Chains and ipsets make-before-break writes left for cleanup (unreachable by packets).
+    pub dataplane_untidy: AtomicU64,
     pub api_errors: AtomicU64,
     pub ready: AtomicBool,
     /// Policy programmed at least once by this process (its first full sync is done).
@@ -166,6 +168,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             metric(name, "gauge", help, g(v).to_string());
         }
+        metric(
+            "warren_dataplane_untidy",
+            "gauge",
+            "Chains and ipsets left by make-before-break writes, unreachable by packets, awaiting cleanup.",
+            g(&self.dataplane_untidy).to_string(),
+        );
         metric(
             "warren_policy_compiles_total",
             "counter",

@@ -149,6 +149,9 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             .dataplane_apply_micros_total
             .fetch_add(micros, Ordering::Relaxed);
         Metrics::inc(&self.metrics.dataplane_applies);
+        self.metrics
+            .dataplane_untidy
+            .store(self.writer.untidy() as u64, Ordering::Relaxed);
         let applied = applied.inspect_err(|_| Metrics::inc(&self.metrics.dataplane_apply_errors))?;
         let mut drifted = route_drift;
         drifted.extend(applied.drifted);
@@ -164,6 +167,19 @@ impl<N: RouteOps + LinkOps, C: CommandRunner> Reconciler<N, C> {
             dataplane_changed: applied.changed,
             drifted,
         })
+    }
+
+    /// Removes what make-before-break writes left ([`Writer::tidy`]); nothing packets reach.
+    pub fn tidy(&mut self) -> Result<Vec<String>, WriterError> {
+        let r = self.writer.tidy();
+        self.metrics
+            .dataplane_untidy
+            .store(self.writer.untidy() as u64, Ordering::Relaxed);
+        let r = r.inspect_err(|_| Metrics::inc(&self.metrics.dataplane_apply_errors))?;
+        if !r.changed.is_empty() {
+            tracing::debug!(removed = ?r.changed, "dataplane leftovers removed");
+        }
+        Ok(r.changed)
     }
 }
 

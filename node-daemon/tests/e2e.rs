@@ -244,6 +244,15 @@ async fn inner() {
             .matches("-A WARREN-INPUT")
             .count()
     };
+    // The reference count is taken once make-before-break leftovers are cleaned up.
+    let start = Instant::now();
+    while !http_get(health, "/metrics")
+        .await
+        .is_some_and(|m| m.contains("warren_dataplane_untidy 0\n"))
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "leftovers never cleaned up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before_flush = input_rules();
     assert!(before_flush >= 2, "WARREN-INPUT has the IPIP rules before the flush");
     sh(&["iptables-nft", "-F", "WARREN-INPUT"]);

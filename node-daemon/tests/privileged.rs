@@ -203,6 +203,59 @@ fn should_write_repair_and_sweep_with_iptables_nft() {
     writer_scenario(Backend::nft());
 }
 
+/// Between read-backs, iptables-nft changes go make-before-break: the batch only adds (the new
+/// body on top, a RETURN, the old body dead below), a set the old body uses stays until `tidy`
+/// (the kernel would refuse to destroy it while referenced), and `tidy` leaves exactly the
+/// desired state.
+#[test]
+fn should_write_make_before_break_and_tidy_with_iptables_nft() {
+    let ns = Netns::new("mbb");
+    let mut w = Writer::new(ExecRunner::in_netns(&ns.0), Backend::nft());
+    w.apply(&desired(), true).unwrap();
+    w.read_back = false;
+    let forward = |ns: &Netns| -> Vec<String> {
+        ns.exec(&["iptables-nft-save", "-t", "filter"])
+            .lines()
+            .filter(|l| l.starts_with("-A WARREN-FORWARD "))
+            .map(str::to_string)
+            .collect()
+    };
+    let old = forward(&ns);
+    assert_eq!(old.len(), 2);
+
+    let mut next = desired();
+    next.ipsets.remove("warren-extra");
+    next.chains.insert(
+        (Table::Filter, "WARREN-FORWARD".into()),
+        std::sync::Arc::new(vec![
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+            "-p tcp --dport 443 -j ACCEPT".into(),
+            "-j DROP".into(),
+        ]),
+    );
+    let r = w.apply(&next, true).unwrap();
+    assert_eq!(r.changed, vec!["chain filter/WARREN-FORWARD".to_string()]);
+    let now = forward(&ns);
+    assert_eq!(now.len(), 3 + 1 + 2, "{now:#?}");
+    assert!(
+        now[1].ends_with("--dport 443 -j ACCEPT") && now[2].ends_with("-j DROP"),
+        "{now:#?}"
+    );
+    assert!(now[3].ends_with("-j RETURN"), "{now:#?}");
+    assert_eq!(now[4..], old[..], "the old body, unreachable, until tidy");
+    assert!(ns.exec_ok(&["ipset", "list", "-n", "warren-extra"]), "still referenced");
+    assert_eq!(w.untidy(), 2);
+
+    let r = w.tidy().unwrap();
+    assert!(r.changed.contains(&"ipset warren-extra removed".to_string()), "{r:?}");
+    let now = forward(&ns);
+    assert_eq!(now.len(), 3, "{now:#?}");
+    assert!(!ns.exec_ok(&["ipset", "list", "-n", "warren-extra"]));
+    w.read_back = true;
+    let r = w.apply(&next, true).unwrap();
+    assert!(r.changed.is_empty() && r.drifted.is_empty(), "{r:?}");
+}
+
 #[test]
 fn should_write_repair_and_sweep_with_iptables_legacy() {
     writer_scenario(Backend::legacy());

@@ -178,12 +178,13 @@ impl FakeKernel {
             let err = |m: &str| format!("line {lineno}: {m}");
             match op {
                 "-A" | "-I" => {
-                    let spec = if op == "-I" {
-                        spec.split_once(' ')
-                            .filter(|(n, _)| n.parse::<usize>().is_ok())
-                            .map_or(spec, |(_, s)| s)
-                    } else {
-                        spec
+                    // `-I chain [N] rule`: N is 1-based, 1 when absent.
+                    let numbered = spec
+                        .split_once(' ')
+                        .and_then(|(n, s)| Some((n.parse::<usize>().ok()?, s)));
+                    let (pos, spec) = match numbered {
+                        Some(x) if op == "-I" => x,
+                        _ => (1, spec),
                     };
                     Self::check_refs(&snapshot, table, spec).map_err(|m| err(&m))?;
                     let c = table
@@ -192,7 +193,10 @@ impl FakeKernel {
                     if op == "-A" {
                         c.1.push(spec.to_string());
                     } else {
-                        c.1.insert(0, spec.to_string());
+                        if pos == 0 || pos > c.1.len() + 1 {
+                            return Err(err("Index of insertion too big"));
+                        }
+                        c.1.insert(pos - 1, spec.to_string());
                     }
                 }
                 "-D" => {
