@@ -1,7 +1,8 @@
 //! Scale table for the compiler: simulated clusters of 1 000 / 10 000 pods and 200 / 1 000
 //! policies mixing pod selectors, namespace selectors, ipBlocks with except, named ports.
 //! Prints a table and writes it as JSON (default `target/bench/policy_scale.json`, or `--out PATH`).
-//! Run: `cargo run --release -p policy --example scale [-- --out PATH]`.
+//! Run: `cargo run --release -p policy --example scale [-- --out PATH] [--only PODS POLICIES]
+//! [--edits N]`. `--only` runs one size, so that the process's peak RSS (VmHWM) is that size's.
 
 mod common;
 
@@ -15,22 +16,48 @@ use policy::{compile, NodeCtx};
 /// Policy edits per size (the issue asks for median and p95 over at least 20).
 const EDITS: usize = 20;
 
+/// A `/proc/self/status` memory figure of this process in MiB (`VmHWM`: peak resident set;
+/// `VmRSS`: current), if known.
+fn rss_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn usage() -> ! {
+    eprintln!("usage: scale [--out PATH] [--only PODS POLICIES] [--edits N]");
+    std::process::exit(2);
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut out = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../target/bench/policy_scale.json"
     ));
+    let mut sizes = vec![
+        (1000, 0),
+        (1000, 200),
+        (1000, 1000),
+        (10000, 0),
+        (10000, 200),
+        (10000, 1000),
+    ];
+    let mut edits = EDITS;
+    let number = |a: Option<String>| a.and_then(|a| a.parse::<usize>().ok()).unwrap_or_else(|| usage());
     while let Some(a) = args.next() {
-        match (a.as_str(), args.next()) {
-            ("--out", Some(p)) => out = PathBuf::from(p),
-            _ => {
-                eprintln!("usage: scale [--out PATH]");
-                std::process::exit(2);
-            }
+        match a.as_str() {
+            "--out" => out = PathBuf::from(args.next().unwrap_or_else(|| usage())),
+            "--only" => sizes = vec![(number(args.next()), number(args.next()))],
+            "--edits" => edits = number(args.next()),
+            _ => usage(),
         }
     }
     let mut rows = vec![];
+    let mut model_rss = None;
     println!(
         "{:>6} {:>6} {:>5} {:>7} {:>7} {:>11} {:>9} {:>8} {:>6} {:>8} {:>10} {:>15}",
         "pods",
@@ -46,16 +73,11 @@ fn main() {
         "compile",
         "edit p50/p95 ms"
     );
-    for (pods, pols) in [
-        (1000, 0),
-        (1000, 200),
-        (1000, 1000),
-        (10000, 0),
-        (10000, 200),
-        (10000, 1000),
-    ] {
+    for (pods, pols) in sizes {
         let m = cluster(pods, pols);
         let ctx = NodeCtx::from_model(&m, NODE, "cali").expect("valid prefix");
+        // What the peak owes to the benchmark's own model (it is held twice: `m`, `changed`).
+        model_rss = rss_mib("VmRSS");
         let mut times = vec![];
         let mut out = None;
         for _ in 0..5 {
@@ -70,7 +92,7 @@ fn main() {
         let mut changed = m.clone();
         let mut inc = Compiler::new();
         let mut prev = inc.compile(&changed, &ctx).dataplane;
-        for i in 0..if pols == 0 { 0 } else { EDITS } {
+        for i in 0..if pols == 0 { 0 } else { edits } {
             edit_policy(&mut changed, i);
             let t = Instant::now();
             let c2 = inc.compile(&changed, &ctx);
@@ -117,9 +139,19 @@ fn main() {
             "policy_edits": changes.len(),
         }));
     }
+    let peak = rss_mib("VmHWM");
     println!("pod avg/max = rules each local pod adds (dispatch, TW, FW, host); bounded by a constant, whatever the policies.");
-    println!("local = pods on the compiled node (100 per node); compile = median of 5 full compiles; edit = incremental compile after each of 20 successive policy edits.");
-    let doc = serde_json::json!({ "bench": "policy_scale", "node": NODE, "rows": rows });
+    println!("local = pods on the compiled node (100 per node); compile = median of 5 full compiles; edit = incremental compile after each of {edits} successive policy edits.");
+    if let (Some(p), Some(m)) = (peak, model_rss) {
+        println!("peak RSS (VmHWM) of this run: {p:.1} MiB; {m:.1} MiB once the last size's model was built (use --only for one size's peak)");
+    }
+    let doc = serde_json::json!({
+        "bench": "policy_scale",
+        "node": NODE,
+        "rows": rows,
+        "peak_rss_mib": peak,
+        "rss_after_last_model_mib": model_rss,
+    });
     if let Err(e) = write_json(&out, &doc) {
         eprintln!("writing {}: {e}", out.display());
         std::process::exit(1);

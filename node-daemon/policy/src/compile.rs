@@ -29,7 +29,8 @@ use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    Direction, Labels, Model, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortSpec, Protocol, Selector,
+    Direction, Labels, Model, NamedPort, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortSpec, Protocol,
+    Selector,
 };
 use crate::rule::{Action, CtState, Match, Rule, SetDir};
 
@@ -173,10 +174,12 @@ pub struct Compiled {
 }
 
 fn hex_hash(s: &str, n: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(s.as_bytes());
     let mut out = String::with_capacity(64);
     for b in d {
-        out.push_str(&format!("{b:02x}"));
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     out.truncate(n);
     out
@@ -293,22 +296,36 @@ enum SetDef {
     Block(BTreeSet<String>),
     /// Every pod's (address, protocol:number) for a port name.
     NamedPort { name: String, proto: Protocol },
-    /// The addresses of the pods of one ingress group (`WARREN-INGRESS-BY-DST`).
-    Destinations,
+}
+
+/// An ipset member, kept unrendered: cheaper to compare and to hold than its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Member {
+    Ip(Ipv4Addr),
+    IpPort(Ipv4Addr, Protocol, u16),
+}
+
+impl Member {
+    fn render(self) -> String {
+        match self {
+            Member::Ip(ip) => ip.to_string(),
+            Member::IpPort(ip, proto, port) => format!("{ip},{}:{port}", proto.name()),
+        }
+    }
 }
 
 impl SetDef {
     fn kind(&self) -> &'static str {
         match self {
             SetDef::NamedPort { .. } => "hash:ip,port",
-            SetDef::Destinations => "hash:ip",
             _ => "hash:net",
         }
     }
 
-    /// The member `pod` contributes, if any; `ns_labels` are the labels of the pod's namespace.
-    fn member(&self, pod: &Pod, ns_labels: &Labels) -> Option<String> {
-        let ip = pod.ip?;
+    /// The member a pod of namespace `ns` in `state` contributes, if any; `ns_labels` are the
+    /// labels of `ns`.
+    fn member(&self, ns: &str, state: &PodState, ns_labels: &Labels) -> Option<Member> {
+        let ip = state.ip?;
         match self {
             SetDef::Pods {
                 policy_ns,
@@ -316,15 +333,18 @@ impl SetDef {
                 pods,
             } => {
                 let ns_ok = match namespaces {
-                    None => pod.namespace == *policy_ns,
+                    None => ns == policy_ns,
                     Some(s) => s.matches(ns_labels),
                 };
-                (ns_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))).then(|| ip.to_string())
+                (ns_ok && pods.as_ref().is_none_or(|s| s.matches(&state.shape.labels))).then_some(Member::Ip(ip))
             }
-            SetDef::Block(_) | SetDef::Destinations => None,
-            SetDef::NamedPort { name, proto } => pod
-                .named_port(name, *proto)
-                .map(|port| format!("{ip},{}:{port}", proto.name())),
+            SetDef::Block(_) => None,
+            SetDef::NamedPort { name, proto } => state
+                .shape
+                .ports
+                .iter()
+                .find(|p| p.name == *name && p.protocol == *proto)
+                .map(|p| Member::IpPort(ip, *proto, p.port)),
         }
     }
 
@@ -398,10 +418,150 @@ fn named_port_set(name: &str, proto: Protocol) -> (String, SetDef) {
     )
 }
 
-type PodKey = (String, String);
+/// Ids of the compiler's interned namespaces, pods, policies, groups and sets: indexes into
+/// a [`Slab`], so that the per-pass bookkeeping over thousands of them hashes and compares
+/// integers instead of names.
+type Id = u32;
 
-fn pod_key(p: &Pod) -> PodKey {
-    (p.namespace.clone(), p.name.clone())
+/// A vector of optional entries with reusable ids.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<Id>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            items: vec![],
+            free: vec![],
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, v: T) -> Id {
+        match self.free.pop() {
+            Some(id) => {
+                self.items[id as usize] = Some(v);
+                id
+            }
+            None => {
+                self.items.push(Some(v));
+                // Live entries are bounded by the cluster's pods, policies and sets.
+                Id::try_from(self.items.len() - 1).expect("fewer than 2^32 entries")
+            }
+        }
+    }
+
+    fn remove(&mut self, id: Id) -> Option<T> {
+        let v = self.items.get_mut(id as usize)?.take();
+        if v.is_some() {
+            self.free.push(id);
+        }
+        v
+    }
+
+    fn get(&self, id: Id) -> Option<&T> {
+        self.items.get(id as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: Id) -> Option<&mut T> {
+        self.items.get_mut(id as usize)?.as_mut()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Id, &T)> {
+        (0..)
+            .zip(self.items.iter())
+            .filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (Id, &mut T)> {
+        (0..)
+            .zip(self.items.iter_mut())
+            .filter_map(|(i, v)| v.as_mut().map(|v| (i, v)))
+    }
+
+    fn ids(&self) -> Vec<Id> {
+        self.iter().map(|(i, _)| i).collect()
+    }
+
+    /// One past the largest id in use: the length of a vector indexed by id.
+    fn bound(&self) -> usize {
+        self.items.len()
+    }
+}
+
+/// The labels and named ports of a pod, shared by every pod that has the same ones (the pods
+/// of one workload usually do): the compiler keeps no copy of the model's pods.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PodShape {
+    labels: Labels,
+    ports: Vec<NamedPort>,
+}
+
+/// What the compiler reads of a pod besides its identity (`node` it does not read).
+#[derive(Debug, Clone)]
+struct PodState {
+    shape: Arc<PodShape>,
+    ip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug)]
+struct PodSlot {
+    ns: Id,
+    name: Arc<str>,
+    state: PodState,
+    /// The groups of the valid policies that select the pod, per direction (ingress, egress);
+    /// `None` for none.
+    sel: [Option<Id>; 2],
+    /// Address and ingress group while the pod is in a `WARREN-INGRESS-BY-DST` set.
+    dst: Option<(Ipv4Addr, Id)>,
+    /// The pass that last saw the pod in the model, changed it, reselected it.
+    seen: u64,
+    changed: u64,
+    reselected: u64,
+}
+
+/// A pod that came, went or changed during a pass: what it was (for the sets to drop it).
+struct PodChange {
+    slot: Id,
+    ns: Id,
+    old: Option<PodState>,
+    alive: bool,
+}
+
+#[derive(Debug)]
+struct NsEntry {
+    name: Arc<str>,
+    pods: HashMap<Arc<str>, Id>,
+    /// Policies by name: in [`PolicyRef`] order, the order of a group's policies.
+    pols: BTreeMap<Box<str>, Id>,
+}
+
+#[derive(Debug)]
+struct PolEntry {
+    id: PolicyRef,
+    policy: Policy,
+    valid: Result<(), PolicyError>,
+    /// False once the policy left the model; freed at the end of that pass.
+    alive: bool,
+    seen: u64,
+    chains: [Option<PolicyChain>; 2],
+}
+
+impl PolEntry {
+    fn enforced(&self) -> bool {
+        self.alive && self.valid.is_ok()
+    }
+}
+
+/// A compiled policy chain.
+#[derive(Debug)]
+struct PolicyChain {
+    name: String,
+    rules: Arc<Vec<String>>,
+    sets: Vec<Id>,
 }
 
 /// A group chain, with its line in `WARREN-INGRESS-BY-DST` (ingress groups).
@@ -413,62 +573,74 @@ struct GroupChain {
     dst_rule: String,
 }
 
-/// A compiled policy chain.
+/// An ordered list of policies that select some pod, in one direction.
 #[derive(Debug)]
-struct PolicyChain {
-    name: String,
-    rules: Arc<Vec<String>>,
-    sets: Vec<(String, SetDef)>,
+struct GroupEntry {
+    pols: Box<[Id]>,
+    /// Pods whose list this is; the entry goes with the last one.
+    pods: u32,
+    /// Ingress: addresses of its pods that have one → how many pods have it.
+    dst_members: BTreeMap<Ipv4Addr, u32>,
+    /// The dst set as last published, `None` when its members changed since.
+    dst_spec: Option<Arc<IpSetSpec>>,
+    /// The last pass a local workload used the group.
+    local: u64,
+    /// Rendered while the group is in use (some pod is a destination, or a local workload).
+    chain: Option<GroupChain>,
 }
 
 /// An ipset kept up to date by the pods that come, go and change.
 #[derive(Debug)]
-struct SetState {
+struct SetEntry {
+    name: String,
     def: SetDef,
     /// Member → how many pods contribute it (two pods may share an address for a moment).
-    members: BTreeMap<String, u32>,
-    built: Option<Arc<IpSetSpec>>,
+    members: BTreeMap<Member, u32>,
+    filled: bool,
+    /// As last published; `None` when the members changed since.
+    spec: Option<Arc<IpSetSpec>>,
 }
 
-impl SetState {
-    fn add(&mut self, m: String) {
+impl SetEntry {
+    fn add(&mut self, m: Member) {
         *self.members.entry(m).or_insert(0) += 1;
-        self.built = None;
+        self.spec = None;
     }
 
-    fn remove(&mut self, m: &str) {
-        if let Some(n) = self.members.get_mut(m) {
+    fn remove(&mut self, m: Member) {
+        if let Some(n) = self.members.get_mut(&m) {
             *n -= 1;
             if *n == 0 {
-                self.members.remove(m);
+                self.members.remove(&m);
             }
-            self.built = None;
+            self.spec = None;
         }
     }
 
-    fn spec(&mut self) -> Arc<IpSetSpec> {
-        let kind = self.def.kind();
-        let members = &self.members;
-        self.built
-            .get_or_insert_with(|| {
-                let members = match &self.def {
-                    SetDef::Block(fixed) => fixed.clone(),
-                    _ => members.keys().cloned().collect(),
-                };
-                Arc::new(IpSetSpec {
-                    kind: kind.into(),
-                    members,
-                })
-            })
-            .clone()
+    fn build(&self) -> Arc<IpSetSpec> {
+        let members = match &self.def {
+            SetDef::Block(fixed) => fixed.clone(),
+            _ => self.members.keys().map(|m| m.render()).collect(),
+        };
+        Arc::new(IpSetSpec {
+            kind: self.def.kind().into(),
+            members,
+        })
     }
+}
+
+fn dst_spec(members: &BTreeMap<Ipv4Addr, u32>) -> Arc<IpSetSpec> {
+    Arc::new(IpSetSpec {
+        kind: "hash:ip".into(),
+        members: members.keys().map(Ipv4Addr::to_string).collect(),
+    })
 }
 
 /// A workload's inputs and its rendered TW and FW chains.
 type WorkloadChains = (WorkloadInput, Arc<Vec<String>>, Arc<Vec<String>>);
 
 /// A local workload: itself, whether its pod is in the model, its address, its groups.
-type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Vec<PolicyRef>; 2]);
+type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Option<Id>; 2]);
 
 /// A local workload's chains, kept while what they are built from is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,57 +652,55 @@ struct WorkloadInput {
     nodeport: Option<NodePortCheck>,
 }
 
-/// The incremental compiler: the same output as compiling from scratch, at the cost of what
-/// changed since the previous call. It keeps which policies select each pod, each group's
-/// members, each set's members (updated per pod that came, went or changed) and every rendered
-/// chain; a part that did not change is handed out as the same `Arc`, which the writer skips by
-/// pointer. A policy edit then costs that policy's pods and sets, a pod event that pod's
-/// memberships, whatever the size of the cluster (issue 5: one change programmed in < 30 ms at
-/// 10 000 pods). `compile()` is one call on a new compiler, so both paths are one code.
-#[derive(Debug, Default)]
-pub struct Compiler {
-    namespaces: BTreeMap<String, Namespace>,
-    /// The pods as last given, in the caller's order.
-    last_pods: Vec<Pod>,
-    pods: HashMap<PodKey, Pod>,
-    pods_by_ns: HashMap<String, BTreeSet<PodKey>>,
-    policies: BTreeMap<PolicyRef, Policy>,
-    policies_by_ns: HashMap<String, BTreeSet<PolicyRef>>,
-    /// Per pod, the valid policies that select it, per direction (ingress, egress).
-    selecting: HashMap<PodKey, [BTreeSet<PolicyRef>; 2]>,
-    /// Per pod with an address and ingress policies: its address and ingress group.
-    dst_group: HashMap<PodKey, (Ipv4Addr, Vec<PolicyRef>)>,
-    /// Ingress group → addresses of its pods (`WARREN-INGRESS-BY-DST`'s sets).
-    dst_members: HashMap<Vec<PolicyRef>, SetState>,
-    /// Per direction (ingress, egress): ordered policy list → its group chain.
-    group_chains: [HashMap<Vec<PolicyRef>, GroupChain>; 2],
-    /// Per direction: policy → its chain, while the policy is unchanged.
-    policy_chains: [HashMap<PolicyRef, PolicyChain>; 2],
-    sets: HashMap<String, SetState>,
-    workloads: HashMap<String, WorkloadChains>,
-    /// The previous output's small chains, reused when rendered the same.
-    frame: HashMap<(Table, String), Arc<Vec<String>>>,
+fn shape_hash(labels: &Labels, ports: &[NamedPort]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    labels.hash(&mut h);
+    ports.hash(&mut h);
+    h.finish()
 }
 
-fn selecting_of(
-    pod: &Pod,
-    policies: &BTreeMap<PolicyRef, Policy>,
-    ids: Option<&BTreeSet<PolicyRef>>,
-) -> [BTreeSet<PolicyRef>; 2] {
-    let mut out: [BTreeSet<PolicyRef>; 2] = Default::default();
-    for id in ids.into_iter().flatten() {
-        if let Some(pol) = policies.get(id) {
-            if pol.pod_selector.matches(&pod.labels) {
-                if pol.ingress_type {
-                    out[0].insert(id.clone());
-                }
-                if pol.egress_type {
-                    out[1].insert(id.clone());
-                }
-            }
-        }
-    }
-    out
+/// The incremental compiler: the same output as compiling from scratch, at the cost of what
+/// changed since the previous call. It keeps which policies select each pod (as an interned
+/// group), each group's members, each set's members (updated per pod that came, went or
+/// changed), every rendered chain and the previous output's maps; a part that did not change is
+/// handed out as the same `Arc`, which the writer skips by pointer. A policy edit then costs
+/// that policy's namespace and sets, a pod event that pod's memberships, plus one pass over the
+/// model to find what changed and a copy of the output maps (issue 5: one change programmed in
+/// < 30 ms at 10 000 pods). `compile()` is one call on a new compiler, so both paths are one
+/// code.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    /// The pass number; entries remember the pass that last saw them.
+    pass: u64,
+    namespaces: BTreeMap<String, Namespace>,
+    ns: Slab<NsEntry>,
+    ns_ids: HashMap<Arc<str>, Id>,
+    pods: Slab<PodSlot>,
+    /// The pods' slots in the order of the last model: a pod at the same place is found
+    /// without hashing its name.
+    order: Vec<Id>,
+    shapes: HashMap<u64, Vec<Arc<PodShape>>>,
+    pols: Slab<PolEntry>,
+    /// The policies' entries in the order of the last model, as `order` for pods.
+    pol_order: Vec<Id>,
+    /// Per direction (ingress, egress): the groups and their index by policy list.
+    groups: [Slab<GroupEntry>; 2],
+    group_ids: [HashMap<Box<[Id]>, Id>; 2],
+    /// `WARREN-INGRESS-BY-DST` as last rendered; `None` once an ingress group gained its first
+    /// destination or lost its last.
+    by_dst: Option<Arc<Vec<String>>>,
+    sets: Slab<SetEntry>,
+    set_ids: HashMap<String, Id>,
+    workloads: HashMap<String, WorkloadChains>,
+    /// The previous output, updated in place: most of it is unchanged from one pass to the next.
+    chains: BTreeMap<(Table, String), Arc<Vec<String>>>,
+    ipsets: BTreeMap<String, Arc<IpSetSpec>>,
+    policy_chains: BTreeMap<String, (PolicyRef, Direction)>,
+    /// What the previous pass put in `chains` and `ipsets` outside of policies, groups and
+    /// workloads.
+    frame_chains: Vec<(Table, String)>,
+    frame_sets: Vec<String>,
 }
 
 impl Compiler {
@@ -548,211 +718,412 @@ impl Compiler {
 
     /// Compiles `model` for `node`: equal to [`compile`] of the same inputs.
     pub fn compile(&mut self, model: &Model, node: &NodeCtx) -> Compiled {
+        self.pass += 1;
         let mut out = Compiled::default();
 
-        // Valid policies only; a bad one is reported and the rest still compile.
-        let mut valid: BTreeMap<PolicyRef, &Policy> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for p in &model.policies {
-            let id = p.id();
-            if !seen.insert(id.clone()) {
-                out.errors.push(PolicyError {
-                    policy: id,
+        // A namespace relabel is rare: it refills every namespace-selector set.
+        let ns_changed = self.namespaces != model.namespaces;
+        if ns_changed {
+            self.namespaces = model.namespaces.clone();
+        }
+        let changed_pols = self.sync_policies(model, &mut out.errors);
+        let changed_pods = self.sync_pods(model);
+
+        // Which policies select which pods: changed pods, and every pod of a changed policy's
+        // namespace.
+        for c in changed_pods.iter().filter(|c| c.alive) {
+            self.reselect(c.slot);
+        }
+        let mut namespaces: Vec<Id> = changed_pols
+            .iter()
+            .filter_map(|p| self.pols.get(*p))
+            .filter_map(|p| self.ns_ids.get(p.id.namespace.as_str()).copied())
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in namespaces {
+            let slots: Vec<Id> = self
+                .ns
+                .get(ns)
+                .map(|n| n.pods.values().copied().collect())
+                .unwrap_or_default();
+            for s in slots {
+                self.reselect(s);
+            }
+        }
+
+        let local = self.local_workloads(node);
+        self.sync_groups();
+        self.sync_policy_chains(&changed_pols);
+        self.sync_sets(ns_changed, &changed_pods);
+        self.free_dead_policies(&changed_pols);
+        // Shapes and namespaces nothing refers to any more go, or churn would grow them forever.
+        if !changed_pods.is_empty() {
+            drop(changed_pods);
+            self.shapes.retain(|_, v| {
+                v.retain(|s| Arc::strong_count(s) > 1);
+                !v.is_empty()
+            });
+        }
+        let ns_dead: Vec<Id> = self
+            .ns
+            .iter()
+            .filter(|(_, n)| n.pods.is_empty() && n.pols.is_empty())
+            .map(|(i, _)| i)
+            .collect();
+        for i in ns_dead {
+            if let Some(n) = self.ns.remove(i) {
+                self.ns_ids.remove(&n.name);
+            }
+        }
+
+        self.sync_frame(node, &local, &mut out);
+
+        for pc in self.pols.iter().flat_map(|(_, p)| p.chains.iter().flatten()) {
+            out.stats.policy_rules += pc.rules.len();
+        }
+        for gc in self
+            .groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .filter_map(|(_, g)| g.chain.as_ref())
+        {
+            out.stats.group_rules += gc.rules.len();
+        }
+        for ((t, _), rules) in &self.chains {
+            if *t == Table::Filter {
+                out.stats.chains += 1;
+                out.stats.rules += rules.len();
+            }
+        }
+        out.stats.ipsets = self.ipsets.len();
+        out.stats.ipset_members = self.ipsets.values().map(|s| s.members.len()).sum();
+        out.dataplane.chains = self.chains.clone();
+        out.dataplane.ipsets = self.ipsets.clone();
+        out.policy_chains = self.policy_chains.clone();
+        out
+    }
+
+    fn ns_id(&mut self, name: &str) -> Id {
+        if let Some(&id) = self.ns_ids.get(name) {
+            return id;
+        }
+        let name: Arc<str> = name.into();
+        let id = self.ns.insert(NsEntry {
+            name: name.clone(),
+            pods: HashMap::new(),
+            pols: BTreeMap::new(),
+        });
+        self.ns_ids.insert(name, id);
+        id
+    }
+
+    /// Policies of the model → entries; reports bad and repeated ones into `errors`, in the
+    /// model's order. Returns the policies added, changed or gone.
+    fn sync_policies(&mut self, model: &Model, errors: &mut Vec<PolicyError>) -> Vec<Id> {
+        let pass = self.pass;
+        let mut changed = vec![];
+        let mut order = Vec::with_capacity(model.policies.len());
+        for (i, p) in model.policies.iter().enumerate() {
+            let at_same_place = self.pol_order.get(i).copied().filter(|id| {
+                self.pols
+                    .get(*id)
+                    .is_some_and(|e| e.id.name == p.name && e.id.namespace == p.namespace)
+            });
+            let known = at_same_place.or_else(|| {
+                let ns = self.ns_ids.get(p.namespace.as_str())?;
+                self.ns.get(*ns)?.pols.get(p.name.as_str()).copied()
+            });
+            let id = match known {
+                Some(id) => id,
+                None => {
+                    let ns = self.ns_id(&p.namespace);
+                    let id = self.pols.insert(PolEntry {
+                        id: p.id(),
+                        policy: p.clone(),
+                        valid: p.validate(),
+                        alive: true,
+                        seen: 0,
+                        chains: Default::default(),
+                    });
+                    if let Some(n) = self.ns.get_mut(ns) {
+                        n.pols.insert(p.name.as_str().into(), id);
+                    }
+                    changed.push(id);
+                    id
+                }
+            };
+            order.push(id);
+            let Some(e) = self.pols.get_mut(id) else { continue };
+            if e.seen == pass {
+                errors.push(PolicyError {
+                    policy: p.id(),
                     reason: "defined twice; the first definition is enforced".into(),
                 });
                 continue;
             }
-            match p.validate() {
-                Ok(()) => {
-                    valid.insert(id, p);
-                }
-                Err(e) => out.errors.push(e),
+            e.seen = pass;
+            if known.is_some() && e.policy != *p {
+                e.policy = p.clone();
+                e.valid = p.validate();
+                changed.push(id);
+            }
+            if let Err(err) = &e.valid {
+                errors.push(err.clone());
             }
         }
+        self.pol_order = order;
+        for (id, e) in self.pols.iter_mut() {
+            if e.seen != pass {
+                e.alive = false;
+                changed.push(id);
+            }
+        }
+        changed
+    }
 
-        // What changed since the previous call.
-        let changed_ns: BTreeSet<String> = self
-            .namespaces
-            .keys()
-            .chain(model.namespaces.keys())
-            .filter(|n| self.namespaces.get(*n).map(|x| &x.labels) != model.namespaces.get(*n).map(|x| &x.labels))
-            .cloned()
-            .collect();
-        // Most events change no pod (policy edits, namespaces, node heartbeats): one pass over
-        // the list in the caller's order settles that without hashing 10 000 keys.
-        let mut new_pods: HashMap<PodKey, &Pod> = HashMap::new();
-        let mut changed_pods: Vec<(PodKey, Option<Pod>)> = vec![];
-        if model.pods != self.last_pods {
-            new_pods = model.pods.iter().map(|p| (pod_key(p), p)).collect();
-            for (k, p) in &new_pods {
-                if self.pods.get(k) != Some(*p) {
-                    changed_pods.push((k.clone(), self.pods.get(k).cloned()));
-                }
-            }
-            for (k, p) in &self.pods {
-                if !new_pods.contains_key(k) {
-                    changed_pods.push((k.clone(), Some(p.clone())));
-                }
-            }
-            self.last_pods = model.pods.clone();
-        }
-        let mut changed_pols: Vec<PolicyRef> = vec![];
-        for (id, p) in &valid {
-            if self.policies.get(id) != Some(*p) {
-                changed_pols.push(id.clone());
-            }
-        }
-        for id in self.policies.keys() {
-            if !valid.contains_key(id) {
-                changed_pols.push(id.clone());
-            }
-        }
-
-        // Inputs → state.
-        for id in &changed_pols {
-            match valid.get(id) {
-                Some(p) => {
-                    self.policies.insert(id.clone(), (*p).clone());
-                    self.policies_by_ns
-                        .entry(id.namespace.clone())
-                        .or_default()
-                        .insert(id.clone());
+    /// Pods of the model → slots. Returns the pods added, changed or gone.
+    fn sync_pods(&mut self, model: &Model) -> Vec<PodChange> {
+        let pass = self.pass;
+        let mut changes = vec![];
+        let mut order = Vec::with_capacity(model.pods.len());
+        for (i, p) in model.pods.iter().enumerate() {
+            let at_same_place = self.order.get(i).copied().filter(|s| {
+                self.pods.get(*s).is_some_and(|slot| {
+                    *slot.name == *p.name && self.ns.get(slot.ns).is_some_and(|n| *n.name == *p.namespace)
+                })
+            });
+            let known = at_same_place.or_else(|| {
+                let ns = self.ns_ids.get(p.namespace.as_str())?;
+                self.ns.get(*ns)?.pods.get(p.name.as_str()).copied()
+            });
+            let s = match known {
+                Some(s) => {
+                    let Some(slot) = self.pods.get_mut(s) else { continue };
+                    let same = slot.state.ip == p.ip
+                        && slot.state.shape.labels == p.labels
+                        && slot.state.shape.ports == p.ports;
+                    // A pod listed twice: the later entry wins, as in a map built from the list.
+                    if !same {
+                        let state = PodState {
+                            shape: Self::shape(&mut self.shapes, p),
+                            ip: p.ip,
+                        };
+                        let Some(slot) = self.pods.get_mut(s) else { continue };
+                        let old = std::mem::replace(&mut slot.state, state);
+                        if slot.changed != pass {
+                            slot.changed = pass;
+                            changes.push(PodChange {
+                                slot: s,
+                                ns: slot.ns,
+                                old: Some(old),
+                                alive: true,
+                            });
+                        }
+                    }
+                    s
                 }
                 None => {
-                    self.policies.remove(id);
-                    if let Some(s) = self.policies_by_ns.get_mut(&id.namespace) {
-                        s.remove(id);
+                    let ns = self.ns_id(&p.namespace);
+                    let name: Arc<str> = p.name.as_str().into();
+                    let state = PodState {
+                        shape: Self::shape(&mut self.shapes, p),
+                        ip: p.ip,
+                    };
+                    let s = self.pods.insert(PodSlot {
+                        ns,
+                        name: name.clone(),
+                        state,
+                        sel: [None, None],
+                        dst: None,
+                        seen: pass,
+                        changed: pass,
+                        reselected: 0,
+                    });
+                    if let Some(n) = self.ns.get_mut(ns) {
+                        n.pods.insert(name, s);
                     }
+                    changes.push(PodChange {
+                        slot: s,
+                        ns,
+                        old: None,
+                        alive: true,
+                    });
+                    s
                 }
-            }
-        }
-        for (k, _) in &changed_pods {
-            match new_pods.get(k) {
-                Some(p) => {
-                    self.pods.insert(k.clone(), (*p).clone());
-                    self.pods_by_ns.entry(k.0.clone()).or_default().insert(k.clone());
-                }
-                None => {
-                    self.pods.remove(k);
-                    if let Some(s) = self.pods_by_ns.get_mut(&k.0) {
-                        s.remove(k);
-                    }
-                }
-            }
-        }
-        let old_namespaces = std::mem::replace(&mut self.namespaces, model.namespaces.clone());
-
-        // Which policies select which pods: changed pods from scratch, then every pod of a
-        // changed policy's namespace for that policy.
-        let mut touched: BTreeSet<PodKey> = BTreeSet::new();
-        for (k, _) in &changed_pods {
-            touched.insert(k.clone());
-            match self.pods.get(k) {
-                Some(p) => {
-                    let sel = selecting_of(p, &self.policies, self.policies_by_ns.get(&k.0));
-                    self.selecting.insert(k.clone(), sel);
-                }
-                None => {
-                    self.selecting.remove(k);
-                }
-            }
-        }
-        let changed_pod_keys: BTreeSet<&PodKey> = changed_pods.iter().map(|(k, _)| k).collect();
-        for id in &changed_pols {
-            let pol = self.policies.get(id);
-            for k in self.pods_by_ns.get(&id.namespace).into_iter().flatten() {
-                if changed_pod_keys.contains(k) {
-                    continue;
-                }
-                let Some(p) = self.pods.get(k) else { continue };
-                let sel = self.selecting.entry(k.clone()).or_default();
-                let before = sel.clone();
-                sel[0].remove(id);
-                sel[1].remove(id);
-                if let Some(pol) = pol.filter(|pol| pol.pod_selector.matches(&p.labels)) {
-                    if pol.ingress_type {
-                        sel[0].insert(id.clone());
-                    }
-                    if pol.egress_type {
-                        sel[1].insert(id.clone());
-                    }
-                }
-                if *sel != before {
-                    touched.insert(k.clone());
-                }
-            }
-        }
-
-        // Ingress groups by destination address, for every pod in the cluster.
-        for k in &touched {
-            let now = match (self.pods.get(k), self.selecting.get(k)) {
-                (Some(p), Some(sel)) if !sel[0].is_empty() => {
-                    p.ip.map(|ip| (ip, sel[0].iter().cloned().collect::<Vec<_>>()))
-                }
-                _ => None,
             };
-            if self.dst_group.get(k) == now.as_ref() {
-                continue;
+            if let Some(slot) = self.pods.get_mut(s) {
+                slot.seen = pass;
             }
-            if let Some((ip, g)) = self.dst_group.remove(k) {
-                if let Some(s) = self.dst_members.get_mut(&g) {
-                    s.remove(&ip.to_string());
-                    if s.members.is_empty() {
-                        self.dst_members.remove(&g);
+            order.push(s);
+        }
+        self.order = order;
+        let gone: Vec<Id> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.seen != pass)
+            .map(|(i, _)| i)
+            .collect();
+        for s in gone {
+            self.set_dst(s, None);
+            for d in 0..2 {
+                self.set_group(s, d, None);
+            }
+            let Some(slot) = self.pods.remove(s) else { continue };
+            if let Some(n) = self.ns.get_mut(slot.ns) {
+                n.pods.remove(&slot.name);
+            }
+            changes.push(PodChange {
+                slot: s,
+                ns: slot.ns,
+                old: Some(slot.state),
+                alive: false,
+            });
+        }
+        changes
+    }
+
+    fn shape(shapes: &mut HashMap<u64, Vec<Arc<PodShape>>>, p: &Pod) -> Arc<PodShape> {
+        let same = shapes.entry(shape_hash(&p.labels, &p.ports)).or_default();
+        if let Some(s) = same.iter().find(|s| s.labels == p.labels && s.ports == p.ports) {
+            return s.clone();
+        }
+        let s = Arc::new(PodShape {
+            labels: p.labels.clone(),
+            ports: p.ports.clone(),
+        });
+        same.push(s.clone());
+        s
+    }
+
+    /// Recomputes the policies that select pod `s`, then its destination group.
+    fn reselect(&mut self, s: Id) {
+        let Some(slot) = self.pods.get_mut(s) else { return };
+        if slot.reselected == self.pass {
+            return;
+        }
+        slot.reselected = self.pass;
+        let mut lists: [Vec<Id>; 2] = Default::default();
+        if let Some(ns) = self.ns.get(slot.ns) {
+            for &p in ns.pols.values() {
+                let Some(e) = self.pols.get(p) else { continue };
+                if e.enforced() && e.policy.pod_selector.matches(&slot.state.shape.labels) {
+                    if e.policy.ingress_type {
+                        lists[0].push(p);
+                    }
+                    if e.policy.egress_type {
+                        lists[1].push(p);
                     }
                 }
             }
-            if let Some((ip, g)) = now {
-                self.dst_members
-                    .entry(g.clone())
-                    .or_insert_with(|| SetState {
-                        def: SetDef::Destinations,
-                        members: BTreeMap::new(),
-                        built: None,
-                    })
-                    .add(ip.to_string());
-                self.dst_group.insert(k.clone(), (ip, g));
+        }
+        let ip = slot.state.ip;
+        for (d, list) in lists.iter().enumerate() {
+            let g = (!list.is_empty()).then(|| self.group_id(d, list));
+            self.set_group(s, d, g);
+        }
+        let dst = self.pods.get(s).and_then(|slot| ip.zip(slot.sel[0]));
+        self.set_dst(s, dst);
+    }
+
+    fn group_id(&mut self, d: usize, pols: &[Id]) -> Id {
+        if let Some(&g) = self.group_ids[d].get(pols) {
+            return g;
+        }
+        let g = self.groups[d].insert(GroupEntry {
+            pols: pols.into(),
+            pods: 0,
+            dst_members: BTreeMap::new(),
+            dst_spec: None,
+            local: 0,
+            chain: None,
+        });
+        self.group_ids[d].insert(pols.into(), g);
+        g
+    }
+
+    fn set_group(&mut self, s: Id, d: usize, g: Option<Id>) {
+        let Some(slot) = self.pods.get_mut(s) else { return };
+        let old = std::mem::replace(&mut slot.sel[d], g);
+        if old == g {
+            return;
+        }
+        if let Some(e) = g.and_then(|g| self.groups[d].get_mut(g)) {
+            e.pods += 1;
+        }
+        if let Some(e) = old.and_then(|g| self.groups[d].get_mut(g)) {
+            e.pods -= 1;
+        }
+    }
+
+    fn set_dst(&mut self, s: Id, dst: Option<(Ipv4Addr, Id)>) {
+        let Some(slot) = self.pods.get_mut(s) else { return };
+        let old = std::mem::replace(&mut slot.dst, dst);
+        if old == dst {
+            return;
+        }
+        if let Some((ip, g)) = old {
+            if let Some(e) = self.groups[0].get_mut(g) {
+                if let Some(n) = e.dst_members.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        e.dst_members.remove(&ip);
+                    }
+                }
+                e.dst_spec = None;
+                if e.dst_members.is_empty() {
+                    self.by_dst = None;
+                }
             }
         }
+        if let Some((ip, g)) = dst {
+            if let Some(e) = self.groups[0].get_mut(g) {
+                if e.dst_members.is_empty() {
+                    self.by_dst = None;
+                }
+                *e.dst_members.entry(ip).or_insert(0) += 1;
+                e.dst_spec = None;
+            }
+        }
+    }
 
-        // Local workloads and their groups.
+    /// The node's workloads, by interface, with their pods' groups (marked as used).
+    fn local_workloads<'a>(&mut self, node: &'a NodeCtx) -> Vec<LocalWorkload<'a>> {
         let mut workloads: Vec<&Workload> = node.workloads.iter().collect();
         workloads.sort_by(|a, b| a.iface.cmp(&b.iface));
         workloads.dedup_by(|a, b| a.iface == b.iface);
-        let mut local: Vec<LocalWorkload> = vec![];
-        for w in &workloads {
-            let k = (w.namespace.clone(), w.pod.clone());
-            let pod = self.pods.get(&k);
-            let groups = match self.selecting.get(&k) {
-                Some(sel) if pod.is_some() => [
-                    sel[0].iter().cloned().collect::<Vec<_>>(),
-                    sel[1].iter().cloned().collect::<Vec<_>>(),
-                ],
-                _ => Default::default(),
-            };
-            local.push((w, pod.is_some(), w.ip.or(pod.and_then(|p| p.ip)), groups));
-        }
-
-        // Groups in use → their chains → the policy chains they jump to → the sets those use.
-        // Borrowed, not cloned: at 10 000 pods this runs over ~1 000 groups on every event.
-        let mut used_groups: [HashSet<&[PolicyRef]>; 2] = Default::default();
-        used_groups[0].extend(self.dst_members.keys().map(Vec::as_slice));
-        for (_, in_model, _, groups) in &local {
-            if !in_model {
-                continue;
-            }
-            for (i, g) in groups.iter().enumerate() {
-                if !g.is_empty() {
-                    used_groups[i].insert(g.as_slice());
+        let mut local = vec![];
+        for w in workloads {
+            let pod = self
+                .ns_ids
+                .get(w.namespace.as_str())
+                .and_then(|ns| self.ns.get(*ns)?.pods.get(w.pod.as_str()))
+                .and_then(|s| self.pods.get(*s));
+            let groups = pod.map(|p| p.sel).unwrap_or_default();
+            local.push((w, pod.is_some(), w.ip.or(pod.and_then(|p| p.state.ip)), groups));
+            for (d, g) in groups.iter().enumerate() {
+                if let Some(e) = g.and_then(|g| self.groups[d].get_mut(g)) {
+                    e.local = self.pass;
                 }
             }
         }
-        let mut used_policies: [HashSet<&PolicyRef>; 2] = Default::default();
-        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
-            self.group_chains[i].retain(|g, _| used_groups[i].contains(g.as_slice()));
-            for g in &used_groups[i] {
-                if !self.group_chains[i].contains_key(*g) {
-                    let (name, rules) = group_chain(d, g);
+        local
+    }
+
+    /// Groups in use (a destination, or a local workload's) get a chain; the others lose it,
+    /// and the groups no pod has any more go.
+    fn sync_groups(&mut self) {
+        for (d, kind) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+            for g in self.groups[d].ids() {
+                let Some(e) = self.groups[d].get_mut(g) else { continue };
+                let used = e.pods > 0 && (!e.dst_members.is_empty() || e.local == self.pass);
+                if used && e.chain.is_none() {
+                    let ids: Vec<PolicyRef> = e
+                        .pols
+                        .iter()
+                        .filter_map(|p| self.pols.get(*p).map(|p| p.id.clone()))
+                        .collect();
+                    let (name, rules) = group_chain(kind, &ids);
                     let dst_set = set_name("gd", &name);
                     let dst_rule = Rule::new(
                         vec![Match::Set {
@@ -763,157 +1134,217 @@ impl Compiler {
                         Action::Goto(name.clone()),
                     )
                     .render();
-                    self.group_chains[i].insert(
-                        g.to_vec(),
-                        GroupChain {
-                            name,
-                            rules: Arc::new(rules.iter().map(Rule::render).collect()),
-                            dst_set,
-                            dst_rule,
-                        },
-                    );
+                    let rules = Arc::new(rules.iter().map(Rule::render).collect());
+                    self.chains.insert((Table::Filter, name.clone()), Arc::clone(&rules));
+                    e.chain = Some(GroupChain {
+                        name,
+                        rules,
+                        dst_set,
+                        dst_rule,
+                    });
                 }
-                used_policies[i].extend(g.iter());
+                if !used {
+                    if let Some(gc) = e.chain.take() {
+                        self.chains.remove(&(Table::Filter, gc.name));
+                        self.ipsets.remove(&gc.dst_set);
+                    }
+                }
+                if let Some(gc) = &e.chain {
+                    if e.dst_members.is_empty() {
+                        self.ipsets.remove(&gc.dst_set);
+                    } else if e.dst_spec.is_none() {
+                        let spec = dst_spec(&e.dst_members);
+                        self.ipsets.insert(gc.dst_set.clone(), Arc::clone(&spec));
+                        e.dst_spec = Some(spec);
+                    }
+                }
+                if e.pods == 0 {
+                    if let Some(e) = self.groups[d].remove(g) {
+                        self.group_ids[d].remove(&e.pols);
+                    }
+                }
             }
         }
-        let changed_pol_set: HashSet<&PolicyRef> = changed_pols.iter().collect();
-        let mut used_sets: HashMap<&str, &SetDef> = HashMap::new();
-        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
-            self.policy_chains[i].retain(|id, _| used_policies[i].contains(id) && !changed_pol_set.contains(id));
-            for id in &used_policies[i] {
-                if self.policy_chains[i].contains_key(*id) {
+    }
+
+    /// The policies the used groups jump to get a chain (a new one when the policy changed);
+    /// the others lose it.
+    fn sync_policy_chains(&mut self, changed: &[Id]) {
+        for &p in changed {
+            let Some(e) = self.pols.get_mut(p) else { continue };
+            for pc in e.chains.iter_mut().filter_map(Option::take) {
+                self.chains.remove(&(Table::Filter, pc.name.clone()));
+                self.policy_chains.remove(&pc.name);
+            }
+        }
+        let mut used = [vec![false; self.pols.bound()], vec![false; self.pols.bound()]];
+        for (d, used) in used.iter_mut().enumerate() {
+            for (_, g) in self.groups[d].iter() {
+                if g.chain.is_some() {
+                    for &p in g.pols.iter() {
+                        if let Some(u) = used.get_mut(p as usize) {
+                            *u = true;
+                        }
+                    }
+                }
+            }
+        }
+        for p in self.pols.ids() {
+            for (d, kind) in [(0, Direction::Ingress), (1, Direction::Egress)] {
+                let Some(e) = self.pols.get_mut(p) else { continue };
+                let want = used[d].get(p as usize).copied().unwrap_or(false);
+                if !want {
+                    if let Some(pc) = e.chains[d].take() {
+                        self.chains.remove(&(Table::Filter, pc.name.clone()));
+                        self.policy_chains.remove(&pc.name);
+                    }
                     continue;
                 }
-                let Some(pol) = self.policies.get(*id) else { continue };
-                let mut sets = vec![];
-                let rules = policy_rules(pol, d, &mut |name, def| sets.push((name, def)));
-                self.policy_chains[i].insert(
-                    (*id).clone(),
-                    PolicyChain {
-                        name: policy_chain_name(id, d),
-                        rules: Arc::new(rules.iter().map(Rule::render).collect()),
-                        sets,
-                    },
-                );
+                if e.chains[d].is_some() {
+                    continue;
+                }
+                let mut defs = vec![];
+                let rules = policy_rules(&e.policy, kind, &mut |name, def| defs.push((name, def)));
+                let name = policy_chain_name(&e.id, kind);
+                let rules = Arc::new(rules.iter().map(Rule::render).collect::<Vec<_>>());
+                self.chains.insert((Table::Filter, name.clone()), Arc::clone(&rules));
+                self.policy_chains.insert(name.clone(), (e.id.clone(), kind));
+                let mut sets = Vec::with_capacity(defs.len());
+                for (set, def) in defs {
+                    let id = match self.set_ids.get(&set) {
+                        Some(&id) => id,
+                        None => {
+                            let id = self.sets.insert(SetEntry {
+                                name: set.clone(),
+                                def,
+                                members: BTreeMap::new(),
+                                filled: false,
+                                spec: None,
+                            });
+                            self.set_ids.insert(set, id);
+                            id
+                        }
+                    };
+                    sets.push(id);
+                }
+                if let Some(e) = self.pols.get_mut(p) {
+                    e.chains[d] = Some(PolicyChain { name, rules, sets });
+                }
             }
         }
-        for pc in self.policy_chains.iter().flat_map(|m| m.values()) {
-            for (name, def) in &pc.sets {
-                used_sets.insert(name, def);
-            }
-        }
+    }
 
-        // Sets: new ones filled from scratch, kept ones updated by the pods that changed (all
-        // of a namespace-selector set when namespace labels changed). A set's name is a hash of
-        // its definition, so the name alone tells whether a kept set is still wanted.
-        self.sets.retain(|name, _| used_sets.contains_key(name.as_str()));
-        for (name, def) in used_sets {
-            let fresh = !self.sets.contains_key(name) || (!changed_ns.is_empty() && def.depends_on_namespace_labels());
-            if fresh {
-                let mut st = SetState {
-                    def: def.clone(),
-                    members: BTreeMap::new(),
-                    built: None,
-                };
+    /// The sets the policy chains match: new ones filled from scratch, kept ones updated by
+    /// the pods that changed (all of a namespace-selector set when namespace labels changed);
+    /// the others go.
+    fn sync_sets(&mut self, ns_changed: bool, changed_pods: &[PodChange]) {
+        let mut used = vec![false; self.sets.bound()];
+        for pc in self.pols.iter().flat_map(|(_, e)| e.chains.iter().flatten()) {
+            for &s in &pc.sets {
+                if let Some(u) = used.get_mut(s as usize) {
+                    *u = true;
+                }
+            }
+        }
+        for s in self.sets.ids() {
+            if !used.get(s as usize).copied().unwrap_or(false) {
+                if let Some(e) = self.sets.remove(s) {
+                    self.set_ids.remove(&e.name);
+                    self.ipsets.remove(&e.name);
+                }
+                continue;
+            }
+            let Some(e) = self.sets.get_mut(s) else { continue };
+            if !e.filled || (ns_changed && e.def.depends_on_namespace_labels()) {
+                e.members.clear();
+                e.spec = None;
+                e.filled = true;
                 // Only the namespaces the set can cover are walked.
-                let namespaces: Vec<&String> = match &st.def {
-                    SetDef::Block(_) | SetDef::Destinations => vec![],
+                let namespaces: Vec<&NsEntry> = match &e.def {
+                    SetDef::Block(_) => vec![],
                     SetDef::Pods {
                         namespaces: None,
                         policy_ns,
                         ..
                     } => self
-                        .pods_by_ns
-                        .get_key_value(policy_ns)
-                        .map(|(k, _)| k)
+                        .ns_ids
+                        .get(policy_ns.as_str())
+                        .and_then(|n| self.ns.get(*n))
                         .into_iter()
                         .collect(),
                     SetDef::Pods {
                         namespaces: Some(sel), ..
                     } => self
-                        .pods_by_ns
-                        .keys()
-                        .filter(|ns| sel.matches(Self::ns_labels(&self.namespaces, ns)))
+                        .ns
+                        .iter()
+                        .map(|(_, n)| n)
+                        .filter(|n| sel.matches(Self::ns_labels(&self.namespaces, &n.name)))
                         .collect(),
-                    SetDef::NamedPort { .. } => self.pods_by_ns.keys().collect(),
+                    SetDef::NamedPort { .. } => self.ns.iter().map(|(_, n)| n).collect(),
                 };
                 for ns in namespaces {
-                    let labels = Self::ns_labels(&self.namespaces, ns);
-                    for k in self.pods_by_ns.get(ns).into_iter().flatten() {
-                        if let Some(m) = self.pods.get(k).and_then(|p| st.def.member(p, labels)) {
-                            st.add(m);
+                    let labels = Self::ns_labels(&self.namespaces, &ns.name);
+                    for slot in ns.pods.values().filter_map(|s| self.pods.get(*s)) {
+                        if let Some(m) = e.def.member(&ns.name, &slot.state, labels) {
+                            *e.members.entry(m).or_insert(0) += 1;
                         }
                     }
                 }
-                self.sets.insert(name.to_string(), st);
-                continue;
-            }
-            let Some(st) = self.sets.get_mut(name) else { continue };
-            if matches!(st.def, SetDef::Block(_)) {
-                continue;
-            }
-            for (k, old) in &changed_pods {
-                if let Some(m) = old
-                    .as_ref()
-                    .and_then(|p| st.def.member(p, Self::ns_labels(&old_namespaces, &p.namespace)))
-                {
-                    st.remove(&m);
-                }
-                if let Some(m) = self
-                    .pods
-                    .get(k)
-                    .and_then(|p| st.def.member(p, Self::ns_labels(&self.namespaces, &p.namespace)))
-                {
-                    st.add(m);
+            } else if !matches!(e.def, SetDef::Block(_)) {
+                for c in changed_pods {
+                    let Some(ns) = self.ns.get(c.ns) else { continue };
+                    let labels = Self::ns_labels(&self.namespaces, &ns.name);
+                    let old = c.old.as_ref().and_then(|st| e.def.member(&ns.name, st, labels));
+                    let new = self
+                        .pods
+                        .get(c.slot)
+                        .filter(|_| c.alive)
+                        .and_then(|slot| e.def.member(&ns.name, &slot.state, labels));
+                    if old != new {
+                        if let Some(m) = old {
+                            e.remove(m);
+                        }
+                        if let Some(m) = new {
+                            e.add(m);
+                        }
+                    }
                 }
             }
+            if e.spec.is_none() {
+                let spec = e.build();
+                self.ipsets.insert(e.name.clone(), Arc::clone(&spec));
+                e.spec = Some(spec);
+            }
         }
+    }
 
-        // Output.
-        let mut chains: BTreeMap<String, Arc<Vec<String>>> = BTreeMap::new();
-        for (i, d) in [(0, Direction::Ingress), (1, Direction::Egress)] {
-            for (id, pc) in &self.policy_chains[i] {
-                out.stats.policy_rules += pc.rules.len();
-                chains.insert(pc.name.clone(), pc.rules.clone());
-                out.policy_chains.insert(pc.name.clone(), (id.clone(), d));
-            }
-            for gc in self.group_chains[i].values() {
-                out.stats.group_rules += gc.rules.len();
-                chains.insert(gc.name.clone(), gc.rules.clone());
+    fn free_dead_policies(&mut self, changed: &[Id]) {
+        for &p in changed {
+            if self.pols.get(p).is_some_and(|e| !e.alive) {
+                let Some(e) = self.pols.remove(p) else { continue };
+                if let Some(n) = self
+                    .ns_ids
+                    .get(e.id.namespace.as_str())
+                    .and_then(|n| self.ns.get_mut(*n))
+                {
+                    n.pols.remove(e.id.name.as_str());
+                }
             }
         }
-        let mut sets: BTreeMap<String, Arc<IpSetSpec>> = BTreeMap::new();
-        for (name, st) in &mut self.sets {
-            sets.insert(name.clone(), st.spec());
-        }
+    }
 
-        // Ingress by destination IP: one set and one goto per ingress group.
-        let mut targets: Vec<(&str, &str)> = vec![];
-        for (g, st) in &mut self.dst_members {
-            if let Some(gc) = self.group_chains[0].get(g) {
-                sets.insert(gc.dst_set.clone(), st.spec());
-                targets.push((&gc.name, &gc.dst_rule));
-            }
-        }
-        targets.sort_unstable();
-        let mut by_dst = vec![Rule::new(vec![], clear_accept()).render()];
-        by_dst.extend(targets.into_iter().map(|(_, r)| r.to_string()));
-        by_dst.push(
-            Rule::new(vec![], set_accept())
-                .commented("destination not isolated for ingress")
-                .render(),
-        );
+    /// The workload chains, the dispatch and entry chains, `WARREN-INGRESS-BY-DST`, and what
+    /// preserve-source adds; the hooks.
+    fn sync_frame(&mut self, node: &NodeCtx, local: &[LocalWorkload], out: &mut Compiled) {
         let mut frame: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
-
-        // Per-workload chains.
         let wild = format!("{}+", node.veth_prefix);
         let mut from_dispatch = vec![];
         let mut to_dispatch = vec![];
         let mut wl_to_host = vec![Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads")];
         let mut host_to_wl = vec![];
         let mut workload_rules = 0;
-        let mut seen_ifaces = BTreeSet::new();
-        for (w, in_model, ip, groups) in &local {
+        let mut seen_ifaces = HashSet::new();
+        for (w, in_model, ip, groups) in local {
             let tw = workload_chain_name(&w.iface, Direction::Ingress);
             let fw = workload_chain_name(&w.iface, Direction::Egress);
             from_dispatch.push(Rule::new(
@@ -952,23 +1383,15 @@ impl Compiler {
                 }],
                 Action::Return,
             ));
-            let group_name = |d: Direction, g: &Vec<PolicyRef>| {
-                (!g.is_empty())
-                    .then(|| {
-                        self.group_chains[usize::from(d == Direction::Egress)]
-                            .get(g)
-                            .map(|gc| gc.name.clone())
-                    })
-                    .flatten()
+            let group_name = |d: usize| {
+                let g = groups[d].filter(|_| *in_model)?;
+                Some(self.groups[d].get(g)?.chain.as_ref()?.name.clone())
             };
             let input = WorkloadInput {
                 workload: (*w).clone(),
                 in_model: *in_model,
                 ip: *ip,
-                groups: [
-                    group_name(Direction::Ingress, &groups[0]),
-                    group_name(Direction::Egress, &groups[1]),
-                ],
+                groups: [group_name(0), group_name(1)],
                 nodeport: node.nodeport.clone(),
             };
             let reuse = self.workloads.get(&w.iface).filter(|(i, _, _)| *i == input);
@@ -979,6 +1402,8 @@ impl Compiler {
                     let t = Arc::new(t.iter().map(Rule::render).collect::<Vec<_>>());
                     let f = Arc::new(f.iter().map(Rule::render).collect::<Vec<_>>());
                     self.workloads.insert(w.iface.clone(), (input, t.clone(), f.clone()));
+                    self.chains.insert((Table::Filter, tw.clone()), t.clone());
+                    self.chains.insert((Table::Filter, fw.clone()), f.clone());
                     (t, f)
                 }
             };
@@ -986,12 +1411,19 @@ impl Compiler {
             let this = tw_rules.len() + fw_rules.len() + 4;
             workload_rules += this;
             out.stats.max_workload_rules = out.stats.max_workload_rules.max(this);
-            chains.insert(tw, tw_rules);
-            chains.insert(fw, fw_rules);
-            seen_ifaces.insert(w.iface.clone());
+            seen_ifaces.insert(w.iface.as_str());
             out.stats.local_workloads += 1;
         }
-        self.workloads.retain(|iface, _| seen_ifaces.contains(iface));
+        let chains = &mut self.chains;
+        self.workloads.retain(|iface, _| {
+            let keep = seen_ifaces.contains(iface.as_str());
+            if !keep {
+                for d in [Direction::Ingress, Direction::Egress] {
+                    chains.remove(&(Table::Filter, workload_chain_name(iface, d)));
+                }
+            }
+            keep
+        });
         let unknown = |what: &str| Rule::new(vec![], Action::Drop).commented(format!("unknown {what}"));
         from_dispatch.push(unknown("workload interface"));
         to_dispatch.push(unknown("workload interface"));
@@ -1003,41 +1435,68 @@ impl Compiler {
         frame.insert(CHAIN_WL_TO_HOST.into(), wl_to_host);
         frame.insert(CHAIN_HOST_TO_WL.into(), host_to_wl);
 
+        let mut sets = BTreeMap::new();
         let mut nat: BTreeMap<String, Vec<String>> = BTreeMap::new();
         frame_chains(node, &wild, &mut frame, &mut sets, &mut nat, &mut out.dataplane.hooks);
 
-        let mut kept = HashMap::new();
-        let mut keep = |table: Table, name: String, rendered: Vec<String>| -> Arc<Vec<String>> {
-            let key = (table, name);
-            let arc = match self.frame.get(&key) {
-                Some(prev) if **prev == rendered => prev.clone(),
-                _ => Arc::new(rendered),
-            };
-            kept.insert(key, arc.clone());
-            arc
+        // Ingress by destination IP: one set and one goto per ingress group with destinations.
+        let by_dst = match &self.by_dst {
+            Some(r) => Arc::clone(r),
+            None => {
+                let mut targets: Vec<(&str, &str)> = self.groups[0]
+                    .iter()
+                    .filter(|(_, g)| !g.dst_members.is_empty())
+                    .filter_map(|(_, g)| g.chain.as_ref())
+                    .map(|gc| (gc.name.as_str(), gc.dst_rule.as_str()))
+                    .collect();
+                targets.sort_unstable();
+                let mut rules = vec![Rule::new(vec![], clear_accept()).render()];
+                rules.extend(targets.into_iter().map(|(_, r)| r.to_string()));
+                rules.push(
+                    Rule::new(vec![], set_accept())
+                        .commented("destination not isolated for ingress")
+                        .render(),
+                );
+                let r = Arc::new(rules);
+                self.by_dst = Some(Arc::clone(&r));
+                r
+            }
         };
-        for (name, rules) in frame {
-            let rendered = rules.iter().map(Rule::render).collect();
-            let arc = keep(Table::Filter, name.clone(), rendered);
-            chains.insert(name, arc);
-        }
-        let arc = keep(Table::Filter, CHAIN_INGRESS_BY_DST.into(), by_dst);
-        chains.insert(CHAIN_INGRESS_BY_DST.into(), arc);
-        for (name, rules) in nat {
-            let arc = keep(Table::Nat, name.clone(), rules);
-            out.dataplane.chains.insert((Table::Nat, name), arc);
-        }
-        self.frame = kept;
 
-        out.stats.chains = chains.len();
-        for (name, rules) in chains {
-            out.stats.rules += rules.len();
-            out.dataplane.chains.insert((Table::Filter, name), rules);
+        let mut rendered: Vec<((Table, String), Vec<String>)> = frame
+            .into_iter()
+            .map(|(name, rules)| ((Table::Filter, name), rules.iter().map(Rule::render).collect()))
+            .collect();
+        rendered.extend(nat.into_iter().map(|(name, rules)| ((Table::Nat, name), rules)));
+        let mut keys = Vec::with_capacity(rendered.len() + 1);
+        for (key, rules) in rendered {
+            if self.chains.get(&key).is_none_or(|prev| **prev != rules) {
+                self.chains.insert(key.clone(), Arc::new(rules));
+            }
+            keys.push(key);
         }
-        out.stats.ipsets = sets.len();
-        out.stats.ipset_members = sets.values().map(|s| s.members.len()).sum();
-        out.dataplane.ipsets = sets;
-        out
+        let key = (Table::Filter, CHAIN_INGRESS_BY_DST.to_string());
+        self.chains.insert(key.clone(), by_dst);
+        keys.push(key);
+        for old in std::mem::take(&mut self.frame_chains) {
+            if !keys.contains(&old) {
+                self.chains.remove(&old);
+            }
+        }
+        self.frame_chains = keys;
+        let mut names = Vec::with_capacity(sets.len());
+        for (name, spec) in sets {
+            if self.ipsets.get(&name).is_none_or(|prev| *prev != spec) {
+                self.ipsets.insert(name.clone(), spec);
+            }
+            names.push(name);
+        }
+        for old in std::mem::take(&mut self.frame_sets) {
+            if !names.contains(&old) {
+                self.ipsets.remove(&old);
+            }
+        }
+        self.frame_sets = names;
     }
 }
 
