@@ -580,6 +580,128 @@ fn a_workload_the_model_does_not_know_yet_is_closed() {
     );
 }
 
+/// Past `DISPATCH_FLAT_MAX` workloads the dispatch chains split into buckets by interface name;
+/// every guarantee must hold through them: policy (compiled vs reference), anti-spoofing to
+/// other hosts and to the node, fail-closed for unknown interfaces in a used and an unused
+/// bucket, and the node reaching its pods.
+#[test]
+fn many_workloads_on_a_node_keep_every_guarantee_through_the_dispatch_tree() {
+    let mut c = base().policy(
+        r#"
+metadata: {name: web-from-client, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: client}}
+"#,
+    );
+    for k in 0..60 {
+        let app = if k % 2 == 0 { "web" } else { "client" };
+        c = c.pod(
+            &format!("a/w{k}"),
+            &[("app", app)],
+            &format!("10.233.90.{}", 100 + k),
+            "node1",
+        );
+    }
+    let ctx = NodeCtx::from_model(&c.model, "node1", "cali").unwrap();
+    let dp = compile(&c.model, &ctx).dataplane;
+    let chain = |name: &str| {
+        dp.chains
+            .get(&(conf::dataplane::Table::Filter, name.to_string()))
+            .cloned()
+    };
+    for root in [
+        "WARREN-FROM-WL-DISPATCH",
+        "WARREN-TO-WL-DISPATCH",
+        "WARREN-WL-TO-HOST",
+        "WARREN-HOST-TO-WL",
+    ] {
+        let rules = chain(root).unwrap();
+        assert!(rules.len() <= 16 + 2, "{root} is not split: {} rules", rules.len());
+        assert!(
+            rules.iter().any(|r| r.contains(&format!("-g {root}-"))),
+            "{root}: {rules:#?}"
+        );
+    }
+
+    // Policy through the tree, same node, both ways; `allows` checks the reference too.
+    assert!(c.allows("a/w1", "a/w0", tcp(80)), "client -> web");
+    assert!(!c.allows("a/w2", "a/w0", tcp(80)), "web -> web");
+    assert!(c.allows("a/w0", "a/w1", tcp(80)), "client is not isolated");
+    assert!(c.allows("a/client", "a/w4", tcp(80)), "cross node, a client");
+    assert!(
+        !c.allows("b/client", "a/w4", tcp(80)),
+        "cross node, a client of another namespace"
+    );
+
+    let i = Interpreter::new(&dp).unwrap();
+    for w in &ctx.workloads {
+        let ip = w.ip.unwrap();
+        let out = Packet::l4(ip, "8.8.8.8".parse().unwrap(), 6, 80);
+        assert_eq!(
+            i.run(&out.clone().via(Some(&w.iface), Some("eth0"))).verdict,
+            Verdict::Accept,
+            "{}",
+            w.pod
+        );
+        assert_ne!(
+            i.run(&out.clone().via(Some(&w.iface), None)).verdict,
+            Verdict::Drop,
+            "{} to its node",
+            w.pod
+        );
+        let mut spoofed = out;
+        spoofed.src = "10.233.90.250".parse().unwrap();
+        assert_eq!(
+            i.run(&spoofed.clone().via(Some(&w.iface), Some("eth0"))).verdict,
+            Verdict::Drop,
+            "{}",
+            w.pod
+        );
+        assert_eq!(
+            i.run(&spoofed.via(Some(&w.iface), None)).verdict,
+            Verdict::Drop,
+            "{} to its node",
+            w.pod
+        );
+        let probe = Packet::l4(common::node_ip("node1"), ip, 6, 8080);
+        assert_ne!(
+            i.run(&probe.via(None, Some(&w.iface))).verdict,
+            Verdict::Drop,
+            "node -> {}",
+            w.pod
+        );
+    }
+    // Unknown interfaces: one sharing a bucket with known ones, one in a bucket nobody uses.
+    let known = &ctx.workloads[0].iface;
+    let mut same_bucket = known.clone();
+    same_bucket.replace_range(same_bucket.len() - 1.., if known.ends_with('0') { "1" } else { "0" });
+    assert!(ctx.workloads.iter().all(|w| w.iface != same_bucket));
+    let used: std::collections::BTreeSet<char> = ctx.workloads.iter().filter_map(|w| w.iface.chars().nth(4)).collect();
+    let free = "0123456789abcdefghijklmnopqrstuvwxyz"
+        .chars()
+        .find(|c| !used.contains(c))
+        .unwrap();
+    let other_bucket = format!("cali{free}0000000000");
+    let p = Packet::l4("10.233.90.99".parse().unwrap(), "10.233.90.10".parse().unwrap(), 6, 80);
+    for unknown in [&same_bucket, &other_bucket] {
+        for (inn, out) in [
+            (Some(unknown.as_str()), Some("eth0")),
+            (Some("eth0"), Some(unknown.as_str())),
+            (Some(unknown.as_str()), None),
+            (None, Some(unknown.as_str())),
+        ] {
+            assert_eq!(
+                i.run(&p.clone().via(inn, out)).verdict,
+                Verdict::Drop,
+                "{inn:?} -> {out:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn icmp_fragmentation_needed_always_passes() {
     let c = base().policy(DENY_ALL_A);
