@@ -33,6 +33,9 @@ echo "== overlay: node event → route, 5 000 peer routes from cold, resync CPU,
 echo "== policy compiler at 1 000 / 10 000 pods and 200 / 1 000 policies"
 "$target/release/examples/scale" --out "$root/target/bench/policy_scale.json"
 
+echo "== warren-node per-pass model + compile at 10 000 pods / 1 000 policies: per-pass copy+convert vs conversion cache"
+"$target/release/examples/daemon_pass_bench" --out "$root/target/bench/daemon_pass.json"
+
 echo "== policy writer (real iptables/ipset, throw-away netns): sizes, edit latency, pod add at ~100 000 rules"
 "$target/release/examples/policy_writer_bench" --edits "${POLICY_EDITS:-20}" --out "$root/target/bench/policy_writer.json"
 

@@ -241,16 +241,28 @@ async fn run(args: RunArgs) -> Result<()> {
     );
 
     let changed = Arc::new(Notify::new());
-    let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone());
-    let pods = k8s::reflect(Api::<Pod>::all(client.clone()), changed.clone(), metrics.clone());
-    let namespaces = k8s::reflect(Api::<Namespace>::all(client.clone()), changed.clone(), metrics.clone());
+    let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone(), k8s::keep_all);
+    let pods = k8s::reflect(
+        Api::<Pod>::all(client.clone()),
+        changed.clone(),
+        metrics.clone(),
+        k8s::strip_pod,
+    );
+    let namespaces = k8s::reflect(
+        Api::<Namespace>::all(client.clone()),
+        changed.clone(),
+        metrics.clone(),
+        k8s::keep_all,
+    );
     let policies = k8s::reflect(
         Api::<NetworkPolicy>::all(client.clone()),
         changed.clone(),
         metrics.clone(),
+        k8s::keep_all,
     );
     let mut tracker = PolicyTracker::default();
     let mut compiler = policy::compile::Compiler::new();
+    let mut model_cache = policy_sync::ModelCache::default();
     tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy behaviour");
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut tick = tokio::time::interval(cfg.resync_interval);
@@ -309,15 +321,17 @@ async fn run(args: RunArgs) -> Result<()> {
             .all(|s| s.load(std::sync::atomic::Ordering::Acquire));
         let infos: Vec<_> = nodes.store.state().iter().map(|n| k8s::to_info(n)).collect();
         let build = if all_synced {
-            let ns: Vec<Namespace> = namespaces.store.state().iter().map(|o| (**o).clone()).collect();
-            let ps: Vec<Pod> = pods.store.state().iter().map(|o| (**o).clone()).collect();
-            let np: Vec<NetworkPolicy> = policies.store.state().iter().map(|o| (**o).clone()).collect();
+            // The stores' own objects, shared: the cache converts only what changed.
+            let np = policies.store.state();
+            let objects = policy_sync::Objects {
+                namespaces: &namespaces.store.state(),
+                pods: &pods.store.state(),
+                policies: &np,
+            };
             let nodeport =
                 policy_sync::nodeport_check(cfg.nodeport_policy, cfg.ipip_mode, &cfg.node_name, block, &infos);
-            match policy_sync::build_with(
-                &ns,
-                &ps,
-                &np,
+            match model_cache.build(
+                objects,
                 &cfg.node_name,
                 conf::names::HOST_VETH_PREFIX,
                 nodeport,

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1 as net;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
@@ -16,6 +16,15 @@ use crate::model::{
 
 /// The label the API server puts on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The namespace of a namespaced object that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The namespace a pod or policy converts into: callers that key converted objects (the daemon's
+/// conversion cache) must agree with the model on it.
+pub fn object_namespace(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+}
 
 /// The model plus the policies that were reported and left out.
 #[derive(Debug, Clone, Default)]
@@ -94,7 +103,7 @@ pub fn convert_pod(p: &core::Pod) -> Option<Pod> {
         }
     }
     Some(Pod {
-        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: object_namespace(&p.metadata).to_string(),
         name: p.metadata.name.clone()?,
         labels: p.metadata.labels.clone().unwrap_or_default(),
         ip,
@@ -207,7 +216,7 @@ fn convert_rule(
 /// One NetworkPolicy, or the reason it is left out.
 pub fn convert_policy(p: &net::NetworkPolicy) -> Result<Policy, PolicyError> {
     let id = PolicyRef {
-        namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: object_namespace(&p.metadata).to_string(),
         name: p.metadata.name.clone().unwrap_or_default(),
     };
     let bad = |reason: String| PolicyError {

@@ -1,0 +1,503 @@
+//! warren-node's policy pass at scale, without the kernel: the reflected objects → the policy
+//! model → the incremental compiler, as the daemon's main loop runs it on every debounced watch
+//! event. Two ways of getting the model:
+//! - `old`: deep-clone every object out of the stores, then convert them all (`build_with`);
+//! - `new`: hand the stores' `Arc`s to a `ModelCache` kept across passes, which converts only
+//!   objects whose resourceVersion changed; the stores hold pods as the reflector now keeps them
+//!   (`k8s::strip_pod`: only what the daemon reads).
+//!
+//! The cluster is the policy benchmarks' simulated one (10 000 pods, 1 000 policies by default)
+//! turned back into k8s-openapi objects with the bulk real ones carry (status, probes, projected
+//! token volume, owner references; managedFields are stripped by the daemon's reflector, so here
+//! too), held in real `kube` reflector stores. Per mode, in its own child process so that its peak
+//! RSS (VmHWM) is its own: the first pass, then p50/p95 over `--passes` no-op passes, passes
+//! after one policy edit, and passes after one pod relabel.
+//!
+//! Run: `cargo build --release -p node-daemon --example daemon_pass_bench &&
+//!       $CARGO_TARGET_DIR/release/examples/daemon_pass_bench [--pods 10000] [--policies 1000]
+//!       [--passes 20] [--out PATH]`
+//! (`--mode old|new` runs one mode in this process and prints its JSON line.)
+
+#[path = "../policy/examples/common/mod.rs"]
+mod cluster;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cluster::{edit_policy, p50_p95_ms, write_json, NODE};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher;
+use node_daemon::policy_sync::{self, ModelCache, Objects, PolicyBuild};
+use policy::compile::Compiler;
+use policy::model::{Peer, Policy, PortMatch, PortSpec, Selector};
+use serde_json::{json, Value};
+
+struct Opts {
+    pods: usize,
+    policies: usize,
+    passes: usize,
+    out: PathBuf,
+    mode: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let mut o = Opts {
+        pods: 10_000,
+        policies: 1_000,
+        passes: 20,
+        out: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/daemon_pass.json")),
+        mode: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let v = it.next().with_context(|| format!("{a} needs a value"))?;
+        match a.as_str() {
+            "--pods" => o.pods = v.parse().context("--pods")?,
+            "--policies" => o.policies = v.parse().context("--policies")?,
+            "--passes" => o.passes = v.parse().context("--passes")?,
+            "--out" => o.out = PathBuf::from(v),
+            "--mode" => o.mode = Some(v),
+            _ => bail!("usage: daemon_pass_bench [--pods N] [--policies N] [--passes N] [--out PATH] [--mode old|new]"),
+        }
+    }
+    ensure!(o.passes >= 1, "--passes must be at least 1");
+    ensure!(
+        o.pods >= 1 && o.policies >= 1,
+        "--pods and --policies must be at least 1"
+    );
+    match o.mode.as_deref() {
+        Some(m @ ("old" | "new")) => {
+            println!("{}", run_mode(m, &o)?);
+            Ok(())
+        }
+        Some(other) => bail!("unknown --mode {other:?} (old or new)"),
+        None => orchestrate(&o),
+    }
+}
+
+fn spawn_mode(mode: &str, o: &Opts) -> Result<Value> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["--mode", mode])
+        .args(["--pods", &o.pods.to_string()])
+        .args(["--policies", &o.policies.to_string()])
+        .args(["--passes", &o.passes.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()?;
+    ensure!(out.status.success(), "--mode {mode} failed ({})", out.status);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("the child printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn orchestrate(o: &Opts) -> Result<()> {
+    let old = spawn_mode("old", o)?;
+    let new = spawn_mode("new", o)?;
+    ensure!(
+        old["result"] == new["result"],
+        "the two modes compiled different dataplanes: {} vs {}",
+        old["result"],
+        new["result"]
+    );
+    println!(
+        "warren-node policy pass, {} pods / {} policies, node {NODE}; ms per pass (model + compile), {} passes each",
+        o.pods, o.policies, o.passes
+    );
+    println!(
+        "| mode | first pass | no-op p50 | no-op p95 | policy edit p50 | policy edit p95 | pod edit p50 | pod edit p95 | no-op: model alone p50 | RSS with stores only MiB | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in [&old, &new] {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            r["mode"].as_str().unwrap_or(""),
+            f(&r["first_ms"]),
+            f(&r["noop_ms_p50"]),
+            f(&r["noop_ms_p95"]),
+            f(&r["policy_edit_ms_p50"]),
+            f(&r["policy_edit_ms_p95"]),
+            f(&r["pod_edit_ms_p50"]),
+            f(&r["pod_edit_ms_p95"]),
+            f(&r["noop_model_only_ms_p50"]),
+            f(&r["stores_rss_kib"]) / 1024.0,
+            f(&r["peak_rss_kib"]) / 1024.0,
+        );
+    }
+    let report = json!({
+        "pods": o.pods,
+        "policies": o.policies,
+        "passes": o.passes,
+        "node": NODE,
+        "note": "ms per pass: stores → model → incremental compile (no writer); RSS of each mode's own process (VmRSS after filling the stores, VmHWM at the end)",
+        "modes": [old, new],
+    });
+    write_json(&o.out, &report).with_context(|| format!("writing {}", o.out.display()))?;
+    println!("JSON: {}", o.out.display());
+    Ok(())
+}
+
+/// This process's `field` of /proc/self/status, in KiB.
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A store filled as a reflector fills it, with the writer to apply later events.
+fn stores<K>(objects: impl IntoIterator<Item = K>) -> (Store<K>, reflector::store::Writer<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let (store, mut writer) = reflector::store::<K>();
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::Apply(o));
+    }
+    (store, writer)
+}
+
+fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
+    let model = cluster::cluster(o.pods, o.policies);
+    let mut rv = 1u64;
+    let mut next_rv = || {
+        rv += 1;
+        rv.to_string()
+    };
+    let (ns_store, _ns_writer) = stores(model.namespaces.values().map(|n| {
+        from_json::<Namespace>(json!({
+            "metadata": {"name": n.name, "resourceVersion": next_rv(), "labels": n.labels,
+                         "uid": uid(&n.name), "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"}
+        }))
+    }));
+    // The daemon's reflector now keeps only what it reads of a Pod (`k8s::strip_pod`).
+    let stored = |mut p: Pod| {
+        if mode != "old" {
+            node_daemon::k8s::strip_pod(&mut p);
+        }
+        p
+    };
+    let (pod_store, mut pod_writer) =
+        stores((0..model.pods.len()).map(|i| stored(k8s_pod(&model.pods[i], i, &next_rv()))));
+    let (pol_store, mut pol_writer) = stores(model.policies.iter().map(|p| k8s_policy(p, &next_rv())));
+    // The daemon holds no model of its own beyond what the cache and compiler keep; the edits
+    // below need the policies only.
+    let mut policies = model.policies;
+    drop(model.pods);
+    let stores_rss_kib = status_kib("VmRSS:");
+
+    let mut compiler = Compiler::new();
+    let mut cache = ModelCache::default();
+    let mut pass = |compiler: &mut Compiler| -> Result<(Duration, PolicyBuild)> {
+        let start = Instant::now();
+        let b = if mode == "old" {
+            // What warren-node did: a deep copy of every object, then a conversion of each.
+            let ns: Vec<Namespace> = ns_store.state().iter().map(|o| (**o).clone()).collect();
+            let ps: Vec<Pod> = pod_store.state().iter().map(|o| (**o).clone()).collect();
+            let np: Vec<NetworkPolicy> = pol_store.state().iter().map(|o| (**o).clone()).collect();
+            policy_sync::build_with(&ns, &ps, &np, NODE, conf::names::HOST_VETH_PREFIX, None, compiler)?
+        } else {
+            cache.build(
+                Objects {
+                    namespaces: &ns_store.state(),
+                    pods: &pod_store.state(),
+                    policies: &pol_store.state(),
+                },
+                NODE,
+                conf::names::HOST_VETH_PREFIX,
+                None,
+                compiler,
+            )?
+        };
+        Ok((start.elapsed(), b))
+    };
+
+    let (first, b) = pass(&mut compiler)?;
+    ensure!(
+        b.errors.is_empty(),
+        "the simulated cluster converts cleanly: {:?}",
+        b.errors
+    );
+    ensure!(!b.workloads.is_empty(), "node {NODE} has local workloads");
+    let mut noop = vec![];
+    for _ in 0..o.passes {
+        noop.push(pass(&mut compiler)?.0);
+    }
+    let mut policy_edit = vec![];
+    for i in 0..o.passes {
+        edit_policy_in(&mut policies, i);
+        let p = &policies[(i * 37) % policies.len()];
+        pol_writer.apply_watcher_event(&watcher::Event::Apply(k8s_policy(p, &next_rv())));
+        policy_edit.push(pass(&mut compiler)?.0);
+    }
+    let mut pod_edit = vec![];
+    for i in 0..o.passes {
+        let n = (i * 7919) % o.pods;
+        let name = format!("pod{n}");
+        let ns = format!("ns{}", n % cluster::NAMESPACES);
+        let old = pod_store
+            .get(&ObjectRef::new(&name).within(&ns))
+            .with_context(|| format!("{ns}/{name} in the store"))?;
+        let mut pod = (*old).clone();
+        pod.metadata.resource_version = Some(next_rv());
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("app".into(), format!("app{}", (i + n) % 40));
+        pod_writer.apply_watcher_event(&watcher::Event::Apply(stored(pod)));
+        pod_edit.push(pass(&mut compiler)?.0);
+    }
+    let (_, last) = pass(&mut compiler)?;
+    // The model alone (no compile), to tell its share of a no-op pass.
+    let mut model_only = vec![];
+    for _ in 0..o.passes {
+        let start = Instant::now();
+        if mode == "old" {
+            let ns: Vec<Namespace> = ns_store.state().iter().map(|o| (**o).clone()).collect();
+            let ps: Vec<Pod> = pod_store.state().iter().map(|o| (**o).clone()).collect();
+            let np: Vec<NetworkPolicy> = pol_store.state().iter().map(|o| (**o).clone()).collect();
+            std::hint::black_box(policy::convert::convert(&ns, &ps, &np));
+        } else {
+            cache.update(Objects {
+                namespaces: &ns_store.state(),
+                pods: &pod_store.state(),
+                policies: &pol_store.state(),
+            });
+        }
+        model_only.push(start.elapsed());
+    }
+
+    let (noop_p50, noop_p95) = p50_p95_ms(&noop);
+    let (pe_p50, pe_p95) = p50_p95_ms(&policy_edit);
+    let (de_p50, de_p95) = p50_p95_ms(&pod_edit);
+    let (model_p50, _) = p50_p95_ms(&model_only);
+    Ok(json!({
+        "mode": mode,
+        "first_ms": first.as_secs_f64() * 1e3,
+        "noop_ms_p50": noop_p50,
+        "noop_ms_p95": noop_p95,
+        "policy_edit_ms_p50": pe_p50,
+        "policy_edit_ms_p95": pe_p95,
+        "pod_edit_ms_p50": de_p50,
+        "pod_edit_ms_p95": de_p95,
+        "noop_model_only_ms_p50": model_p50,
+        "stores_rss_kib": stores_rss_kib,
+        "peak_rss_kib": status_kib("VmHWM:"),
+        // Both modes must end with the same dataplane; the orchestrator compares these.
+        "result": {
+            "rules": last.stats.rules,
+            "chains": last.stats.chains,
+            "ipsets": last.stats.ipsets,
+            "ipset_members": last.stats.ipset_members,
+            "local_workloads": last.stats.local_workloads,
+            "errors": last.errors.len(),
+            "dataplane_digest": format!("{:x}", digest(&format!("{:?}", last.dataplane))),
+        },
+    }))
+}
+
+/// `edit_policy` works on a model; only its policies are kept here.
+fn edit_policy_in(policies: &mut Vec<Policy>, i: usize) {
+    let mut m = policy::model::Model {
+        policies: std::mem::take(policies),
+        ..Default::default()
+    };
+    edit_policy(&mut m, i);
+    *policies = m.policies;
+}
+
+/// FNV-1a, enough to tell two dataplanes apart.
+fn digest(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn from_json<K: serde::de::DeserializeOwned>(v: Value) -> K {
+    serde_json::from_value(v).expect("the bench's own objects deserialize")
+}
+
+fn uid(seed: &str) -> String {
+    let h = digest(seed);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xffff,
+        (h >> 48) & 0xffff,
+        h & 0xffff_ffff_ffff
+    )
+}
+
+/// A pod as the API server returns it for a Deployment's replica, minus managedFields.
+fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Pod {
+    let app = p.labels.get("app").cloned().unwrap_or_default();
+    let hash = format!("{:010x}", digest(&app) & 0xff_ffff_ffff);
+    let ip = p.ip.map(|ip| ip.to_string());
+    let image = format!("registry.example.com/team/{app}:1.4.{}", i % 7);
+    let ports: Vec<Value> = p
+        .ports
+        .iter()
+        .map(|n| json!({"name": n.name, "containerPort": n.port, "protocol": n.protocol.name().to_uppercase()}))
+        .collect();
+    let time = "2025-01-01T00:00:00Z";
+    let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": time});
+    from_json(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": p.name,
+            "namespace": p.namespace,
+            "generateName": format!("{app}-{hash}-"),
+            "uid": uid(&format!("{}/{}", p.namespace, p.name)),
+            "resourceVersion": rv,
+            "creationTimestamp": time,
+            "labels": {"app": app, "tier": p.labels.get("tier"), "pod-template-hash": hash},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": time, "prometheus.io/scrape": "true"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-{hash}"),
+                                 "uid": uid(&hash), "controller": true, "blockOwnerDeletion": true}]
+        },
+        "spec": {
+            "nodeName": p.node,
+            "containers": [{
+                "name": "app",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "ports": ports,
+                "env": [{"name": "LOG_LEVEL", "value": "info"},
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}],
+                "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http", "scheme": "HTTP"},
+                                   "periodSeconds": 10, "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3},
+                "volumeMounts": [{"name": "kube-api-access-x7k2p", "readOnly": true,
+                                  "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File"
+            }],
+            "volumes": [{"name": "kube-api-access-x7k2p", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace",
+                                            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+            ]}}],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "serviceAccountName": "default",
+            "serviceAccount": "default",
+            "securityContext": {},
+            "schedulerName": "default-scheduler",
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            ],
+            "priority": 0,
+            "enableServiceLinks": true,
+            "preemptionPolicy": "PreemptLowerPriority"
+        },
+        "status": {
+            "phase": "Running",
+            "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"),
+                           cond("ContainersReady"), cond("PodScheduled")],
+            "hostIP": format!("192.168.{}.{}", i / 100 / 250, i / 100 % 250 + 2),
+            "podIP": ip,
+            "podIPs": ip.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            "startTime": time,
+            "qosClass": "Burstable",
+            "containerStatuses": [{
+                "name": "app", "ready": true, "restartCount": 0, "started": true, "image": image,
+                "imageID": format!("{image}@sha256:{:016x}{:016x}{:016x}{:016x}", digest(&image), i, digest(&p.name), i),
+                "containerID": format!("containerd://{:016x}{:016x}{:016x}{:016x}", i, digest(&p.name), i, digest(&p.namespace)),
+                "state": {"running": {"startedAt": time}},
+                "lastState": {}
+            }]
+        }
+    }))
+}
+
+fn selector(s: &Selector) -> Value {
+    let exprs: Vec<Value> = s
+        .match_expressions
+        .iter()
+        .map(|r| json!({"key": r.key, "operator": format!("{:?}", r.operator), "values": r.values}))
+        .collect();
+    json!({"matchLabels": s.match_labels, "matchExpressions": exprs})
+}
+
+fn peer(p: &Peer) -> Value {
+    match p {
+        Peer::IpBlock { cidr, except } => json!({"ipBlock": {
+            "cidr": cidr.to_string(),
+            "except": except.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+        }}),
+        Peer::Pods { namespaces, pods } => {
+            let mut v = json!({});
+            if let Some(n) = namespaces {
+                v["namespaceSelector"] = selector(n);
+            }
+            if let Some(s) = pods {
+                v["podSelector"] = selector(s);
+            }
+            v
+        }
+    }
+}
+
+fn port(p: &PortMatch) -> Value {
+    let mut v = json!({"protocol": p.protocol.name().to_uppercase()});
+    match &p.port {
+        None => {}
+        Some(PortSpec::Number { port, end }) => {
+            v["port"] = json!(port);
+            if let Some(e) = end {
+                v["endPort"] = json!(e);
+            }
+        }
+        Some(PortSpec::Named(n)) => v["port"] = json!(n),
+    }
+    v
+}
+
+/// The NetworkPolicy that converts back to `p`.
+fn k8s_policy(p: &Policy, rv: &str) -> NetworkPolicy {
+    let rules = |rules: &[policy::model::Rule], peers: &str| -> Vec<Value> {
+        rules
+            .iter()
+            .map(|r| {
+                json!({
+                    peers: r.peers.iter().map(peer).collect::<Vec<_>>(),
+                    "ports": r.ports.iter().map(port).collect::<Vec<_>>()
+                })
+            })
+            .collect()
+    };
+    let mut types = vec![];
+    if p.ingress_type {
+        types.push("Ingress");
+    }
+    if p.egress_type {
+        types.push("Egress");
+    }
+    from_json(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": p.name, "namespace": p.namespace, "resourceVersion": rv,
+                     "uid": uid(&format!("{}/{}", p.namespace, p.name)), "generation": 1,
+                     "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "spec": {
+            "podSelector": selector(&p.pod_selector),
+            "ingress": rules(&p.ingress, "from"),
+            "egress": rules(&p.egress, "to"),
+            "policyTypes": types
+        }
+    }))
+}
