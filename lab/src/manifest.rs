@@ -767,7 +767,7 @@ mod tests {
             .map(|m| (m.host_path.display().to_string(), m.kind))
             .collect();
         assert_eq!(kinds["/run/xtables.lock"], HostPathType::FileOrCreate);
-        assert_eq!(kinds["/lib/modules"], HostPathType::Directory);
+        assert_eq!(kinds["/lib/modules"], HostPathType::Unchecked);
         assert_eq!(kinds.len(), 5);
         // The init container sees only what it mounts.
         let init = p.init[0].binds(&image(), &node_dirs(), None).unwrap();

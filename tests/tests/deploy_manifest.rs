@@ -233,6 +233,12 @@ fn should_mount_the_host_paths_at_the_same_place_in_the_container() {
         "the lock file must exist before iptables takes it"
     );
 
+    let modules = host.values().find(|(p, _)| *p == "/lib/modules").unwrap();
+    assert_eq!(
+        modules.1, None,
+        "a node without /lib/modules (everything built in) must still run warren-node"
+    );
+
     let c = daemon(&m.ds);
     let mounts = c.volume_mounts.as_deref().unwrap_or_default();
     assert_eq!(mounts.len(), host.len(), "the daemon mounts every volume");
