@@ -121,6 +121,31 @@ impl<C: CommandRunner> Writer<C> {
         Ok(iptables::parse_save_all(&text))
     }
 
+    /// One `ipset restore` batch, if there is anything in it.
+    fn ipset_restore(&self, text: &str, errors: &mut Vec<CmdError>) {
+        if text.is_empty() {
+            return;
+        }
+        if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(text)) {
+            errors.push(e);
+        }
+    }
+
+    /// One table's `iptables-restore --noflush` batch, if the plan has one: what it changed goes
+    /// to `report`, a failure to `errors`.
+    fn restore_table(&self, plan: iptables::TablePlan, report: &mut ApplyReport, errors: &mut Vec<CmdError>) {
+        if plan.restore.is_empty() {
+            return;
+        }
+        match self
+            .runner
+            .run(self.backend.restore, &["--noflush", "--wait"], Some(&plan.restore))
+        {
+            Ok(_) => report.changed.extend(plan.changed),
+            Err(e) => errors.push(e),
+        }
+    }
+
     /// Brings the kernel to `desired`. Safe to call repeatedly: a second call with the same state
     /// writes nothing.
     pub fn apply(&mut self, desired: &DesiredDataplane, sweep: bool) -> Result<ApplyReport, WriterError> {
@@ -158,11 +183,7 @@ impl<C: CommandRunner> Writer<C> {
             },
         };
         let set_plan = ipset::plan_sets(&want_sets, &actual_sets, sweep);
-        if !set_plan.before.is_empty() {
-            if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(&set_plan.before)) {
-                errors.push(e);
-            }
-        }
+        self.ipset_restore(&set_plan.before, &mut errors);
 
         let saved = match &cached {
             Some(_) => Ok(BTreeMap::new()),
@@ -177,11 +198,7 @@ impl<C: CommandRunner> Writer<C> {
             None => (desired.chains.clone(), BTreeMap::new()),
         };
         for table in iptables::ALL_TABLES {
-            let chains: BTreeMap<String, std::sync::Arc<Vec<String>>> = want_chains
-                .iter()
-                .filter(|((t, _), _)| *t == table)
-                .map(|((_, c), r)| (c.clone(), r.clone()))
-                .collect();
+            let chains = chains_in(table, &want_chains);
             let hooks: Vec<&Hook> = desired.hooks.iter().filter(|h| h.table == table).collect();
             let actual = match &cached {
                 Some(last) => iptables::as_written(table, &last_chains, &last.hooks),
@@ -189,23 +206,10 @@ impl<C: CommandRunner> Writer<C> {
                 None => saved.get(table.name()).cloned().unwrap_or_default(),
             };
             let plan = iptables::plan_table(table, &chains, &hooks, &actual, sweep);
-            if plan.restore.is_empty() {
-                continue;
-            }
-            match self
-                .runner
-                .run(self.backend.restore, &["--noflush", "--wait"], Some(&plan.restore))
-            {
-                Ok(_) => report.changed.extend(plan.changed),
-                Err(e) => errors.push(e),
-            }
+            self.restore_table(plan, &mut report, &mut errors);
         }
 
-        if !set_plan.after.is_empty() {
-            if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(&set_plan.after)) {
-                errors.push(e);
-            }
-        }
+        self.ipset_restore(&set_plan.after, &mut errors);
         report.changed.extend(set_plan.changed);
 
         report.drifted = match self.last.as_ref().filter(|_| cached.is_none()) {
@@ -252,31 +256,14 @@ impl<C: CommandRunner> Writer<C> {
             }
         }
         let set_plan = ipset::plan_sets(&want_sets, &have_sets, false);
-        if !set_plan.before.is_empty() {
-            if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(&set_plan.before)) {
-                errors.push(e);
-            }
-        }
+        self.ipset_restore(&set_plan.before, &mut errors);
 
         let (want_chains, have_chains) = changed_parts(&desired.chains, &last.chains);
         let in_kernel = |key: &(Table, String)| have_chains.contains_key(key) || self.untidy.stale_chains.contains(key);
         for table in iptables::ALL_TABLES {
-            let chains: BTreeMap<String, Arc<Vec<String>>> = want_chains
-                .iter()
-                .filter(|((t, _), _)| *t == table)
-                .map(|((_, c), r)| (c.clone(), r.clone()))
-                .collect();
+            let chains = chains_in(table, &want_chains);
             let plan = iptables::plan_inserts(table, &chains, &|c| in_kernel(&(table, c.to_string())));
-            if plan.restore.is_empty() {
-                continue;
-            }
-            match self
-                .runner
-                .run(self.backend.restore, &["--noflush", "--wait"], Some(&plan.restore))
-            {
-                Ok(_) => report.changed.extend(plan.changed),
-                Err(e) => errors.push(e),
-            }
+            self.restore_table(plan, &mut report, &mut errors);
         }
         report.changed.extend(set_plan.changed);
 
@@ -335,27 +322,16 @@ impl<C: CommandRunner> Writer<C> {
                 actual.chains.entry(c.clone()).or_default();
             }
             let plan = iptables::plan_table(table, &chains, &[], &actual, true);
-            if plan.restore.is_empty() {
-                continue;
-            }
-            match self
-                .runner
-                .run(self.backend.restore, &["--noflush", "--wait"], Some(&plan.restore))
-            {
-                Ok(_) => report.changed.extend(plan.changed),
-                Err(e) => errors.push(e),
-            }
+            self.restore_table(plan, &mut report, &mut errors);
         }
         // Sets go only once no rule, dead or not, can reference them.
-        if errors.is_empty() && !self.untidy.stale_sets.is_empty() {
+        if errors.is_empty() {
             let mut text = String::new();
             for name in self.untidy.stale_sets.keys() {
                 text.push_str(&format!("destroy {name}\n"));
                 report.changed.push(format!("ipset {name} removed"));
             }
-            if let Err(e) = self.runner.run("ipset", &["restore", "-exist"], Some(&text)) {
-                errors.push(e);
-            }
+            self.ipset_restore(&text, &mut errors);
         }
         if errors.is_empty() {
             self.untidy = Untidy::default();
@@ -370,6 +346,15 @@ impl<C: CommandRunner> Writer<C> {
     pub fn remove_all(&mut self) -> Result<ApplyReport, WriterError> {
         self.apply(&DesiredDataplane::default(), true)
     }
+}
+
+/// The chains of `table` among `chains`, by name.
+fn chains_in(table: Table, chains: &BTreeMap<(Table, String), Arc<Vec<String>>>) -> BTreeMap<String, Arc<Vec<String>>> {
+    chains
+        .iter()
+        .filter(|((t, _), _)| *t == table)
+        .map(|((_, c), r)| (c.clone(), r.clone()))
+        .collect()
 }
 
 /// The entries of `desired` that differ from `last`, and the entries of `last` that differ from
