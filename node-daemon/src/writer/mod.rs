@@ -79,10 +79,9 @@ impl Untidy {
     fn covers(&self, item: &str) -> bool {
         let mut words = item.split_whitespace();
         match (words.next(), words.next()) {
-            (Some("chain"), Some(path)) => path.split_once('/').is_some_and(|(t, c)| {
-                let key = |set: &BTreeSet<(Table, String)>| set.iter().any(|(tt, cc)| tt.name() == t && cc == c);
-                key(&self.chains) || key(&self.stale_chains)
-            }),
+            (Some("chain"), Some(path)) => {
+                chain_key(path).is_some_and(|k| self.chains.contains(&k) || self.stale_chains.contains(&k))
+            }
             (Some("ipset"), Some(name)) => self.stale_sets.contains_key(name),
             _ => false,
         }
@@ -377,21 +376,20 @@ fn changed_parts<K: Ord + Clone, V: PartialEq>(
     (want, have)
 }
 
+/// The chain a change item's `<table>/<chain>` names.
+fn chain_key(path: &str) -> Option<(Table, String)> {
+    let (t, c) = path.split_once('/')?;
+    let table = iptables::ALL_TABLES.into_iter().find(|x| x.name() == t)?;
+    Some((table, c.to_string()))
+}
+
 /// Whether the object named in a change item was desired identically in `last` and `now`
 /// (then the kernel changed under us).
 fn unchanged_since(last: &DesiredDataplane, now: &DesiredDataplane, item: &str) -> bool {
     let mut words = item.split_whitespace();
     match (words.next(), words.next()) {
-        (Some("chain"), Some(path)) => {
-            let Some((t, c)) = path.split_once('/') else {
-                return false;
-            };
-            let Some(table) = iptables::ALL_TABLES.into_iter().find(|x| x.name() == t) else {
-                return false;
-            };
-            let key = (table, c.to_string());
-            now.chains.contains_key(&key) && last.chains.get(&key) == now.chains.get(&key)
-        }
+        (Some("chain"), Some(path)) => chain_key(path)
+            .is_some_and(|key| now.chains.contains_key(&key) && last.chains.get(&key) == now.chains.get(&key)),
         (Some("ipset"), Some(name)) => now.ipsets.contains_key(name) && last.ipsets.get(name) == now.ipsets.get(name),
         (Some("hook"), Some(_)) => {
             !item.ends_with(" removed")
