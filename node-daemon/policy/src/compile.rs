@@ -1595,6 +1595,16 @@ fn workload_rules_of(input: &WorkloadInput) -> (Vec<Rule>, Vec<Rule>) {
     (tw_body, fw_body)
 }
 
+/// `-o name` when `out_dir`, else `-i name`.
+fn iface_match(name: &str, out_dir: bool) -> Match {
+    let name = name.to_string();
+    if out_dir {
+        Match::OutIface { name, negate: false }
+    } else {
+        Match::InIface { name, negate: false }
+    }
+}
+
 /// Up to this many workloads a dispatch chain lists their interfaces one rule each; above it,
 /// the interfaces are split by the character after the prefix (`cali` + hash, so ~16 even
 /// buckets), as Calico's dispatch tree does: a packet walks ~16 + n/16 rules instead of n
@@ -1644,18 +1654,7 @@ fn dispatch_tree(
     rules.extend(direct);
     for (c, mut bucket) in buckets {
         let name = format!("{root}-{c}");
-        let wild = format!("{prefix}{c}+");
-        let m = if out_dir {
-            Match::OutIface {
-                name: wild,
-                negate: false,
-            }
-        } else {
-            Match::InIface {
-                name: wild,
-                negate: false,
-            }
-        };
+        let m = iface_match(&format!("{prefix}{c}+"), out_dir);
         rules.push(Rule::new(vec![m], Action::Goto(name.clone())));
         bucket.push(tail.clone());
         chains.insert(name, bucket);
@@ -1674,37 +1673,24 @@ fn frame_chains(
     nat: &mut BTreeMap<String, Vec<String>>,
     hooks: &mut BTreeSet<Hook>,
 ) {
-    let iface = |name: &str, out_dir: bool| {
-        if out_dir {
-            Match::OutIface {
-                name: name.to_string(),
-                negate: false,
-            }
-        } else {
-            Match::InIface {
-                name: name.to_string(),
-                negate: false,
-            }
-        }
-    };
     let mut forward = vec![
         Rule::new(vec![], clear_accept()),
-        Rule::new(vec![iface(wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
-        Rule::new(vec![iface(wild, true)], Action::Jump(CHAIN_TO_WL.into())),
+        Rule::new(vec![iface_match(wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
+        Rule::new(vec![iface_match(wild, true)], Action::Jump(CHAIN_TO_WL.into())),
     ];
     let mut output = vec![
         // IPVS sends the service connections it forwards to local pods out through OUTPUT, with
         // the client's address: they get the pod's ingress policy as forwarded traffic does.
         Rule::new(
-            vec![iface(wild, true), Match::SrcLocal { negate: true }],
+            vec![iface_match(wild, true), Match::SrcLocal { negate: true }],
             Action::Jump(CHAIN_TO_WL.into()),
         ),
-        Rule::new(vec![iface(wild, true)], Action::Jump(CHAIN_HOST_TO_WL.into())),
+        Rule::new(vec![iface_match(wild, true)], Action::Jump(CHAIN_HOST_TO_WL.into())),
     ];
     if let Some(np) = &node.nodeport {
         let service = |extra: Match| {
             vec![
-                iface(&np.tunnel_iface, true),
+                iface_match(&np.tunnel_iface, true),
                 Match::Mark {
                     value: np.kube_masq_mark,
                     mask: np.kube_masq_mark,
@@ -1770,7 +1756,7 @@ fn frame_chains(
     chains.insert(
         CHAIN_INPUT.into(),
         vec![Rule::new(
-            vec![iface(wild, false)],
+            vec![iface_match(wild, false)],
             Action::Jump(CHAIN_WL_TO_HOST.into()),
         )],
     );
