@@ -562,18 +562,13 @@ fn drift(lab: &Lab, f: &SeedFile) -> Vec<(String, Duration)> {
         &["repaired dataplane drift", &format!("\"chain filter/{pi}\"")],
     );
 
-    // 2. One rule deleted from another warren chain: the jump from nsa/a3's to-workload chain to
-    // its policies (without it a3 takes nothing).
-    let tw = chains(&before, "WARREN-TW-");
-    let (tw, rule) = tw
-        .iter()
-        .find_map(|c| {
-            rules_of(&before, c)
-                .into_iter()
-                .find(|r| r.contains("-j WARREN-GI-") || r.contains("-j WARREN-PI-"))
-                .map(|r| (c.clone(), r))
-        })
-        .expect("a WARREN-TW-* rule jumping to a policy chain");
+    // 2. One rule deleted from another warren chain: a line of WARREN-INGRESS-LOCAL that sends
+    // some of node2's isolated pods to their policies; without it they would take anything.
+    let tw = "WARREN-INGRESS-LOCAL".to_string();
+    let rule = rules_of(&before, &tw)
+        .into_iter()
+        .find(|r| r.contains("-g WARREN-GI-"))
+        .expect("a WARREN-INGRESS-LOCAL rule going to a group chain");
     let want = rules_of(&before, &tw);
     let since = log_of(lab, "node2").len();
     node_exec(lab, "node2", &format!("iptables -w {}", rule.replacen("-A ", "-D ", 1)));

@@ -530,10 +530,8 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
         applies.push(apply);
         compiles.push(c);
         ensure!(
-            rep.changed
-                .iter()
-                .any(|c| c.contains("WARREN-TW-") || c.contains("WARREN-FW-")),
-            "the new pod got no chains: {:?}",
+            rep.changed.iter().any(|c| c.contains(policy::compile::SET_WORKLOADS)),
+            "the new pod was not programmed: {:?}",
             rep.changed
         );
         breakdowns.push(with_in_process(w.runner().take(), apply));

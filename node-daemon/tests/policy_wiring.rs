@@ -208,7 +208,7 @@ async fn should_report_a_malformed_policy_once_and_keep_enforcing_the_others() {
 }
 
 #[tokio::test]
-async fn should_give_new_local_pods_chains_and_count_them_once() {
+async fn should_program_new_local_pods_and_count_them_once() {
     let mut r = reconciler();
     let mut t = PolicyTracker::default();
     let mut c = Cluster::new();
@@ -224,12 +224,14 @@ async fn should_give_new_local_pods_chains_and_count_them_once() {
     assert_eq!(b.workloads.len(), 3);
     let key = conf::names::workload_key(Some("dev"), Some("d"), "");
     let iface = conf::names::host_veth_name("cali", &key).unwrap();
-    let tw = r
-        .writer
-        .runner()
-        .rules("filter", &format!("WARREN-TW-{iface}"))
-        .expect("new pod has an ingress chain");
-    assert!(!tw.is_empty());
+    let programmed = |r: &Reconciler<FakeNet, FakeKernel>| {
+        r.writer
+            .runner()
+            .set_members(policy::compile::SET_WORKLOADS)
+            .unwrap_or_default()
+            .contains(&format!("10.233.90.4,{iface}"))
+    };
+    assert!(programmed(&r), "the new pod's address and interface are known");
     let text = r.metrics.render();
     assert!(text.contains("\nwarren_pod_programmed 3\n"), "{text}");
     c.sync(&mut r, &mut t).await;
@@ -240,5 +242,5 @@ async fn should_give_new_local_pods_chains_and_count_them_once() {
 
     c.pods.retain(|p| p.metadata.name.as_deref() != Some("d"));
     c.sync(&mut r, &mut t).await;
-    assert_eq!(r.writer.runner().rules("filter", &format!("WARREN-TW-{iface}")), None);
+    assert!(!programmed(&r), "gone with its pod");
 }

@@ -1,13 +1,18 @@
 //! The compiler: (model, this node's workloads) → warren's ipsets and filter-table chains.
 //!
-//! Layout (Calico's shape, warren's names):
+//! Layout (Calico's chains and marks, with workloads dispatched by ipset rather than per
+//! interface chains, so that a pod comes and goes as set members, without rules):
 //! - `FORWARD`/`INPUT`/`OUTPUT` each hold one jump to `WARREN-FORWARD`/`-INPUT`/`-OUTPUT`.
-//! - `WARREN-FORWARD` clears the accept mark, dispatches `-i cali+` to `WARREN-FROM-WL-DISPATCH`
-//!   and `-o cali+` to `WARREN-TO-WL-DISPATCH` (one goto per workload, then DROP: interfaces
-//!   not programmed yet fail closed), and accepts what carries the accept mark afterwards.
-//! - `WARREN-FW-<iface>` (egress of the pod) and `WARREN-TW-<iface>` (ingress): anti-spoofing and
-//!   IPIP drop (FW only), conntrack, ICMP fragmentation-needed, then one jump to the policy group
-//!   chain of the pod. Rules per pod are a constant, whatever the number of policies.
+//! - `WARREN-FORWARD` clears the accept mark, sends `-i cali+` to `WARREN-FROM-WL` and `-o cali+`
+//!   to `WARREN-TO-WL`, and accepts what carries the accept mark afterwards.
+//! - `warren-workloads` (`hash:net,iface`) holds each local workload's (address, interface):
+//!   `WARREN-FROM-WL` drops what does not come from a pair in it (anti-spoofing, and interfaces
+//!   not programmed yet fail closed) and IPIP; `WARREN-TO-WL` drops what does not go to one.
+//!   Both then accept conntrack replies and ICMP fragmentation-needed, drop workloads whose pod
+//!   the model does not have yet (`warren-pending`), and ask `WARREN-EGRESS-LOCAL` /
+//!   `WARREN-INGRESS-LOCAL`, which dispatch the source / destination address to the pod's
+//!   policy group chain through one `hash:ip` set of local pods per group (`warren-we-<hash>` /
+//!   `warren-wi-<hash>`); no group means not isolated. Rules per pod: none.
 //! - `WARREN-GI-<hash>` / `WARREN-GE-<hash>`: one per distinct ordered set of policies selecting
 //!   pods; jumps to each `WARREN-PI-<hash>` / `WARREN-PO-<hash>` and returns once accepted.
 //! - Policy chains: one rule per (rule, peer, port), matching ipsets; rules per policy grow with
@@ -19,7 +24,7 @@
 //!   (pod → own node is always allowed). `OUTPUT` to workloads: allowed for programmed
 //!   workloads (node → own pods, e.g. probes), dropped for unknown `cali*` interfaces.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -40,8 +45,16 @@ pub const MARK_ACCEPT: u32 = 0x10000;
 pub const CHAIN_FORWARD: &str = "WARREN-FORWARD";
 pub const CHAIN_INPUT: &str = "WARREN-INPUT";
 pub const CHAIN_OUTPUT: &str = "WARREN-OUTPUT";
-pub const CHAIN_FROM_WL: &str = "WARREN-FROM-WL-DISPATCH";
-pub const CHAIN_TO_WL: &str = "WARREN-TO-WL-DISPATCH";
+pub const CHAIN_FROM_WL: &str = "WARREN-FROM-WL";
+pub const CHAIN_TO_WL: &str = "WARREN-TO-WL";
+/// Dispatches a local workload's source address to its egress group chain.
+pub const CHAIN_EGRESS_LOCAL: &str = "WARREN-EGRESS-LOCAL";
+/// Dispatches a local workload's destination address to its ingress group chain.
+pub const CHAIN_INGRESS_LOCAL: &str = "WARREN-INGRESS-LOCAL";
+/// (address, interface) of every local workload with an address.
+pub const SET_WORKLOADS: &str = "warren-workloads";
+/// Addresses of local workloads whose pod the model does not have yet: dropped both ways.
+pub const SET_PENDING: &str = "warren-pending";
 pub const CHAIN_WL_TO_HOST: &str = "WARREN-WL-TO-HOST";
 pub const CHAIN_HOST_TO_WL: &str = "WARREN-HOST-TO-WL";
 pub const CHAIN_INGRESS_BY_DST: &str = "WARREN-INGRESS-BY-DST";
@@ -55,9 +68,9 @@ pub const SET_NODEPORT_PEERS: &str = "warren-np-peers";
 pub const MARK_CHECKED: u32 = 0x20000;
 /// kube-proxy's default masquerade mark (`--iptables-masquerade-bit=14`).
 pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;
-/// Rules one workload adds to the node, whatever the number of policies: dispatch (2), host
-/// (2), TW (9 when isolated), FW (9 when isolated).
-pub const MAX_RULES_PER_WORKLOAD: usize = 22;
+/// Set members one workload adds to the node, whatever the number of policies: its
+/// (address, interface), and its address in its ingress and egress group sets (or pending).
+pub const MAX_MEMBERS_PER_WORKLOAD: usize = 3;
 /// Longest chain name iptables accepts.
 pub const MAX_CHAIN_LEN: usize = 28;
 /// Longest ipset name the kernel accepts.
@@ -81,7 +94,7 @@ pub struct Workload {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeCtx {
     pub node: String,
-    /// Prefix of workload interfaces (`cali`); `<prefix>+` interfaces without a chain are dropped.
+    /// Prefix of workload interfaces (`cali`); `<prefix>+` interfaces not in `warren-workloads` are dropped.
     pub veth_prefix: String,
     pub workloads: Vec<Workload>,
     /// `Some` when this node keeps NetworkPolicy's meaning for service traffic that kube-proxy
@@ -151,10 +164,11 @@ impl NodeCtx {
 pub struct Stats {
     pub chains: usize,
     pub rules: usize,
-    /// Rules in chains that exist per local workload (dispatch, TW, FW, host rules).
-    pub workload_rules: usize,
-    /// The most rules any one local workload has; bounded by [`MAX_RULES_PER_WORKLOAD`].
-    pub max_workload_rules: usize,
+    /// Set members that exist per local workload (none of its own rules exist).
+    pub workload_members: usize,
+    /// The most set members any one local workload has; bounded by
+    /// [`MAX_MEMBERS_PER_WORKLOAD`].
+    pub max_workload_members: usize,
     pub policy_rules: usize,
     pub group_rules: usize,
     pub ipsets: usize,
@@ -207,19 +221,6 @@ pub fn policy_chain_name(p: &PolicyRef, d: Direction) -> String {
     chain_name(kind, &format!("{}/{}", p.namespace, p.name))
 }
 
-pub fn workload_chain_name(iface: &str, d: Direction) -> String {
-    let kind = match d {
-        Direction::Ingress => "TW",
-        Direction::Egress => "FW",
-    };
-    let name = format!("{CHAIN_PREFIX}{kind}-{iface}");
-    if name.len() <= MAX_CHAIN_LEN {
-        name
-    } else {
-        chain_name(kind, iface)
-    }
-}
-
 /// The comment a policy rule carries; [`parse_rule_comment`] reads it back.
 pub fn rule_comment(p: &PolicyRef, d: Direction, index: usize) -> String {
     format!("{}/{} {} {index}", p.namespace, p.name, d.name())
@@ -246,10 +247,6 @@ pub fn parse_rule_comment(c: &str) -> Option<(PolicyRef, Direction, usize)> {
         d,
         i,
     ))
-}
-
-fn host(ip: Ipv4Addr) -> Ipv4Net {
-    Ipv4Net::from(ip)
 }
 
 /// An ipset member in the form `ipset list` prints it back (bare address for /32).
@@ -636,21 +633,8 @@ fn dst_spec(members: &BTreeMap<Ipv4Addr, u32>) -> Arc<IpSetSpec> {
     })
 }
 
-/// A workload's inputs and its rendered TW and FW chains.
-type WorkloadChains = (WorkloadInput, Arc<Vec<String>>, Arc<Vec<String>>);
-
 /// A local workload: itself, whether its pod is in the model, its address, its groups.
 type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Option<Id>; 2]);
-
-/// A local workload's chains, kept while what they are built from is unchanged.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct WorkloadInput {
-    workload: Workload,
-    in_model: bool,
-    ip: Option<Ipv4Addr>,
-    groups: [Option<String>; 2],
-    nodeport: Option<NodePortCheck>,
-}
 
 fn shape_hash(labels: &Labels, ports: &[NamedPort]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -692,7 +676,6 @@ pub struct Compiler {
     by_dst: Option<Arc<Vec<String>>>,
     sets: Slab<SetEntry>,
     set_ids: HashMap<String, Id>,
-    workloads: HashMap<String, WorkloadChains>,
     /// The previous output, updated in place: most of it is unchanged from one pass to the next.
     chains: BTreeMap<(Table, String), Arc<Vec<String>>>,
     ipsets: BTreeMap<String, Arc<IpSetSpec>>,
@@ -1333,116 +1316,85 @@ impl Compiler {
         }
     }
 
-    /// The workload chains, the dispatch and entry chains, `WARREN-INGRESS-BY-DST`, and what
-    /// preserve-source adds; the hooks.
+    /// The local workloads' sets and the chains all of them share, the entry chains,
+    /// `WARREN-INGRESS-BY-DST`, and what preserve-source adds; the hooks.
     fn sync_frame(&mut self, node: &NodeCtx, local: &[LocalWorkload], out: &mut Compiled) {
         let mut frame: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
         let wild = format!("{}+", node.veth_prefix);
-        let mut from_dispatch = vec![];
-        let mut to_dispatch = vec![];
-        let mut wl_to_host = vec![Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads")];
-        let mut host_to_wl = vec![];
-        let mut workload_rules = 0;
-        let mut seen_ifaces = HashSet::new();
+        let mut sets: BTreeMap<String, Arc<IpSetSpec>> = BTreeMap::new();
+        let mut known = BTreeSet::new();
+        let mut pending = BTreeSet::new();
+        // Per direction (ingress, egress): group chain → its local pods' addresses.
+        let mut by_group: [BTreeMap<&str, BTreeSet<Ipv4Addr>>; 2] = Default::default();
         for (w, in_model, ip, groups) in local {
-            let tw = workload_chain_name(&w.iface, Direction::Ingress);
-            let fw = workload_chain_name(&w.iface, Direction::Egress);
-            from_dispatch.push(Rule::new(
-                vec![Match::InIface {
-                    name: w.iface.clone(),
-                    negate: false,
-                }],
-                Action::Goto(fw.clone()),
-            ));
-            to_dispatch.push(Rule::new(
-                vec![Match::OutIface {
-                    name: w.iface.clone(),
-                    negate: false,
-                }],
-                Action::Goto(tw.clone()),
-            ));
-            if let Some(ip) = ip {
-                wl_to_host.push(Rule::new(
-                    vec![
-                        Match::InIface {
-                            name: w.iface.clone(),
-                            negate: false,
-                        },
-                        Match::Src {
-                            net: host(*ip),
-                            negate: false,
-                        },
-                    ],
-                    Action::Return,
-                ));
-            }
-            host_to_wl.push(Rule::new(
-                vec![Match::OutIface {
-                    name: w.iface.clone(),
-                    negate: false,
-                }],
-                Action::Return,
-            ));
-            let group_name = |d: usize| {
-                let g = groups[d].filter(|_| *in_model)?;
-                Some(self.groups[d].get(g)?.chain.as_ref()?.name.clone())
-            };
-            let input = WorkloadInput {
-                workload: (*w).clone(),
-                in_model: *in_model,
-                ip: *ip,
-                groups: [group_name(0), group_name(1)],
-                nodeport: node.nodeport.clone(),
-            };
-            let reuse = self.workloads.get(&w.iface).filter(|(i, _, _)| *i == input);
-            let (tw_rules, fw_rules) = match reuse {
-                Some((_, t, f)) => (t.clone(), f.clone()),
-                None => {
-                    let (t, f) = workload_rules_of(&input);
-                    let t = Arc::new(t.iter().map(Rule::render).collect::<Vec<_>>());
-                    let f = Arc::new(f.iter().map(Rule::render).collect::<Vec<_>>());
-                    self.workloads.insert(w.iface.clone(), (input, t.clone(), f.clone()));
-                    self.chains.insert((Table::Filter, tw.clone()), t.clone());
-                    self.chains.insert((Table::Filter, fw.clone()), f.clone());
-                    (t, f)
-                }
-            };
-            // + one rule each in the two dispatch chains, WL-TO-HOST and HOST-TO-WL.
-            let this = tw_rules.len() + fw_rules.len() + 4;
-            workload_rules += this;
-            out.stats.max_workload_rules = out.stats.max_workload_rules.max(this);
-            seen_ifaces.insert(w.iface.as_str());
             out.stats.local_workloads += 1;
-        }
-        let chains = &mut self.chains;
-        self.workloads.retain(|iface, _| {
-            let keep = seen_ifaces.contains(iface.as_str());
-            if !keep {
-                for d in [Direction::Ingress, Direction::Egress] {
-                    chains.remove(&(Table::Filter, workload_chain_name(iface, d)));
+            // Without an address nothing can match it: it is dropped both ways, as unknown.
+            let Some(ip) = ip else { continue };
+            known.insert(format!("{ip},{}", w.iface));
+            let mut members = 1;
+            if !in_model {
+                pending.insert(ip.to_string());
+                members += 1;
+            } else {
+                for (d, g) in groups.iter().enumerate() {
+                    let chain = g.and_then(|g| self.groups[d].get(g)?.chain.as_ref());
+                    if let Some(gc) = chain {
+                        by_group[d].entry(gc.name.as_str()).or_default().insert(*ip);
+                        members += 1;
+                    }
                 }
             }
-            keep
-        });
-        let unknown = |what: &str| Rule::new(vec![], Action::Drop).commented(format!("unknown {what}"));
-        out.stats.workload_rules = workload_rules;
-        let prefix = &node.veth_prefix;
-        for (root, out_dir, head, rules, what) in [
-            (CHAIN_FROM_WL, false, 0, from_dispatch, "workload interface"),
-            (CHAIN_TO_WL, true, 0, to_dispatch, "workload interface"),
-            (
-                CHAIN_WL_TO_HOST,
-                false,
-                1,
-                wl_to_host,
-                "workload interface or spoofed source",
-            ),
-            (CHAIN_HOST_TO_WL, true, 0, host_to_wl, "workload interface"),
-        ] {
-            dispatch_tree(root, prefix, out_dir, head, rules, unknown(what), &mut frame);
+            out.stats.workload_members += members;
+            out.stats.max_workload_members = out.stats.max_workload_members.max(members);
         }
+        let hash_ip = |members: BTreeSet<String>| {
+            Arc::new(IpSetSpec {
+                kind: "hash:ip".into(),
+                members,
+            })
+        };
+        sets.insert(
+            SET_WORKLOADS.into(),
+            Arc::new(IpSetSpec {
+                kind: "hash:net,iface".into(),
+                members: known,
+            }),
+        );
+        sets.insert(SET_PENDING.into(), hash_ip(pending));
+        for (d, chain, set_kind, dir, what) in [
+            (
+                0,
+                CHAIN_INGRESS_LOCAL,
+                "wi",
+                SetDir::Dst,
+                "destination not isolated for ingress",
+            ),
+            (
+                1,
+                CHAIN_EGRESS_LOCAL,
+                "we",
+                SetDir::Src,
+                "source not isolated for egress",
+            ),
+        ] {
+            let mut rules = vec![];
+            for (group, ips) in &by_group[d] {
+                let set = set_name(set_kind, group);
+                rules.push(Rule::new(
+                    vec![Match::Set {
+                        name: set.clone(),
+                        dir,
+                        negate: false,
+                    }],
+                    Action::Goto(group.to_string()),
+                ));
+                sets.insert(set, hash_ip(ips.iter().map(Ipv4Addr::to_string).collect()));
+            }
+            rules.push(Rule::new(vec![], set_accept()).commented(what));
+            frame.insert(chain.into(), rules);
+        }
+        workload_chains(node, &mut frame);
 
-        let mut sets = BTreeMap::new();
         let mut nat: BTreeMap<String, Vec<String>> = BTreeMap::new();
         frame_chains(node, &wild, &mut frame, &mut sets, &mut nat, &mut out.dataplane.hooks);
 
@@ -1530,8 +1482,20 @@ fn group_chain(d: Direction, ids: &[PolicyRef]) -> (String, Vec<Rule>) {
     (name, body)
 }
 
-/// A local workload's TW (ingress) and FW (egress) chains.
-fn workload_rules_of(input: &WorkloadInput) -> (Vec<Rule>, Vec<Rule>) {
+/// The chains every workload's packets go through: `WARREN-FROM-WL`, `WARREN-TO-WL`,
+/// `WARREN-WL-TO-HOST` and `WARREN-HOST-TO-WL`. None of them names a workload: the sets do.
+fn workload_chains(node: &NodeCtx, chains: &mut BTreeMap<String, Vec<Rule>>) {
+    let known = |dir: SetDir, negate: bool| Match::Set {
+        name: SET_WORKLOADS.into(),
+        dir,
+        negate,
+    };
+    let pending = |dir: SetDir| Match::Set {
+        name: SET_PENDING.into(),
+        dir,
+        negate: false,
+    };
+    let ipip = || Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads");
     let conntrack = [
         Rule::new(
             vec![Match::CtState(vec![CtState::Related, CtState::Established])],
@@ -1541,58 +1505,61 @@ fn workload_rules_of(input: &WorkloadInput) -> (Vec<Rule>, Vec<Rule>) {
         Rule::new(vec![Match::Proto(1), ICMP_FRAG_NEEDED], Action::Accept).commented("path MTU discovery"),
         Rule::new(vec![], clear_accept()),
     ];
-    let mut fw_body = vec![match input.ip {
-        Some(ip) => Rule::new(
-            vec![Match::Src {
-                net: host(ip),
-                negate: true,
-            }],
-            Action::Drop,
-        )
-        .commented("anti-spoofing"),
-        None => Rule::new(vec![], Action::Drop).commented("workload has no address yet"),
-    }];
-    fw_body.push(Rule::new(vec![Match::Proto(4)], Action::Drop).commented("IPIP from workloads"));
-    let mut tw_body = vec![];
-    if !input.in_model {
-        let r = Rule::new(vec![], Action::Drop).commented("workload not in the cluster model yet");
-        fw_body.push(r.clone());
-        tw_body.push(r);
-        return (tw_body, fw_body);
+    let not_yet = "workload not in the cluster model yet";
+
+    let mut from = vec![
+        Rule::new(vec![known(SetDir::SrcSrc, true)], Action::Drop)
+            .commented("unknown workload interface or spoofed source"),
+        ipip(),
+    ];
+    from.extend(conntrack.iter().cloned());
+    from.push(Rule::new(vec![pending(SetDir::Src)], Action::Drop).commented(not_yet));
+    from.push(Rule::new(vec![], Action::Jump(CHAIN_EGRESS_LOCAL.into())));
+    from.push(Rule::new(vec![mark_is_accept()], Action::Return));
+    from.push(Rule::new(vec![], Action::Drop).commented("no egress policy allowed"));
+    chains.insert(CHAIN_FROM_WL.into(), from);
+
+    let mut to =
+        vec![Rule::new(vec![known(SetDir::DstDst, true)], Action::Drop).commented("unknown workload interface")];
+    to.extend(conntrack.iter().cloned());
+    to.push(Rule::new(vec![pending(SetDir::Dst)], Action::Drop).commented(not_yet));
+    if let Some(np) = &node.nodeport {
+        to.push(
+            Rule::new(
+                vec![
+                    iface_match(&np.tunnel_iface, false),
+                    Match::Set {
+                        name: SET_NODEPORT_PEERS.into(),
+                        dir: SetDir::Src,
+                        negate: false,
+                    },
+                ],
+                set_accept(),
+            )
+            .commented("service traffic checked by the node that received it"),
+        );
+        to.push(Rule::new(vec![mark_is_accept()], Action::Return));
     }
-    for (d, body) in [(Direction::Ingress, &mut tw_body), (Direction::Egress, &mut fw_body)] {
-        body.extend(conntrack.iter().cloned());
-        let group = &input.groups[if d == Direction::Ingress { 0 } else { 1 }];
-        match group {
-            None => body.push(Rule::new(vec![], set_accept()).commented(format!("no {} policy", d.name()))),
-            Some(g) => {
-                if let (Direction::Ingress, Some(np)) = (d, &input.nodeport) {
-                    body.push(
-                        Rule::new(
-                            vec![
-                                Match::InIface {
-                                    name: np.tunnel_iface.clone(),
-                                    negate: false,
-                                },
-                                Match::Set {
-                                    name: SET_NODEPORT_PEERS.into(),
-                                    dir: SetDir::Src,
-                                    negate: false,
-                                },
-                            ],
-                            set_accept(),
-                        )
-                        .commented("service traffic checked by the node that received it"),
-                    );
-                    body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-                }
-                body.push(Rule::new(vec![], Action::Jump(g.clone())));
-                body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-                body.push(Rule::new(vec![], Action::Drop).commented(format!("no {} policy allowed", d.name())));
-            }
-        }
-    }
-    (tw_body, fw_body)
+    to.push(Rule::new(vec![], Action::Jump(CHAIN_INGRESS_LOCAL.into())));
+    to.push(Rule::new(vec![mark_is_accept()], Action::Return));
+    to.push(Rule::new(vec![], Action::Drop).commented("no ingress policy allowed"));
+    chains.insert(CHAIN_TO_WL.into(), to);
+
+    chains.insert(
+        CHAIN_WL_TO_HOST.into(),
+        vec![
+            ipip(),
+            Rule::new(vec![known(SetDir::SrcSrc, false)], Action::Return),
+            Rule::new(vec![], Action::Drop).commented("unknown workload interface or spoofed source"),
+        ],
+    );
+    chains.insert(
+        CHAIN_HOST_TO_WL.into(),
+        vec![
+            Rule::new(vec![known(SetDir::DstDst, false)], Action::Return),
+            Rule::new(vec![], Action::Drop).commented("unknown workload interface"),
+        ],
+    );
 }
 
 /// `-o name` when `out_dir`, else `-i name`.
@@ -1603,64 +1570,6 @@ fn iface_match(name: &str, out_dir: bool) -> Match {
     } else {
         Match::InIface { name, negate: false }
     }
-}
-
-/// Up to this many workloads a dispatch chain lists their interfaces one rule each; above it,
-/// the interfaces are split by the character after the prefix (`cali` + hash, so ~16 even
-/// buckets), as Calico's dispatch tree does: a packet walks ~16 + n/16 rules instead of n
-/// (~40 ns each), and a new pod rewrites one small bucket instead of the whole list.
-pub const DISPATCH_FLAT_MAX: usize = 16;
-
-/// Writes dispatch chain `root` into `chains`: its first `head` rules, then `rules` (one per
-/// workload interface, matched by `-o` when `out_dir`, else `-i`), then `tail`; split into
-/// `<root>-<c>` buckets past [`DISPATCH_FLAT_MAX`], each ending with `tail` too. Buckets are
-/// entered by goto, so a RETURN in one returns to whoever jumped to `root`, as before.
-fn dispatch_tree(
-    root: &str,
-    prefix: &str,
-    out_dir: bool,
-    head: usize,
-    mut rules: Vec<Rule>,
-    tail: Rule,
-    chains: &mut BTreeMap<String, Vec<Rule>>,
-) {
-    let per_iface = rules.split_off(head.min(rules.len()));
-    if per_iface.len() <= DISPATCH_FLAT_MAX {
-        rules.extend(per_iface);
-        rules.push(tail);
-        chains.insert(root.to_string(), rules);
-        return;
-    }
-    let bucket_of = |r: &Rule| -> Option<char> {
-        let name = r.matches.iter().find_map(|m| match m {
-            Match::InIface { name, negate: false } if !out_dir => Some(name),
-            Match::OutIface { name, negate: false } if out_dir => Some(name),
-            _ => None,
-        })?;
-        name.strip_prefix(prefix)?
-            .chars()
-            .next()
-            .filter(char::is_ascii_alphanumeric)
-    };
-    let mut buckets: BTreeMap<char, Vec<Rule>> = BTreeMap::new();
-    let mut direct = vec![];
-    for r in per_iface {
-        match bucket_of(&r) {
-            Some(c) => buckets.entry(c).or_default().push(r),
-            // Names the split cannot place stay in the root, matched one by one.
-            None => direct.push(r),
-        }
-    }
-    rules.extend(direct);
-    for (c, mut bucket) in buckets {
-        let name = format!("{root}-{c}");
-        let m = iface_match(&format!("{prefix}{c}+"), out_dir);
-        rules.push(Rule::new(vec![m], Action::Goto(name.clone())));
-        bucket.push(tail.clone());
-        chains.insert(name, bucket);
-    }
-    rules.push(tail);
-    chains.insert(root.to_string(), rules);
 }
 
 /// The chains every node has whatever its workloads (FORWARD/INPUT/OUTPUT entry chains, the
@@ -1889,12 +1798,15 @@ mod tests {
             name: "p".repeat(253),
         };
         assert!(policy_chain_name(&long, Direction::Ingress).len() <= MAX_CHAIN_LEN);
-        assert!(set_name("gd", "x").len() <= MAX_IPSET_LEN);
-        assert_eq!(
-            workload_chain_name("cali73daeaf4b12", Direction::Egress),
-            "WARREN-FW-cali73daeaf4b12"
-        );
-        assert!(workload_chain_name("averyveryverylongname", Direction::Egress).len() <= MAX_CHAIN_LEN);
+        for kind in ["gd", "wi", "we"] {
+            assert!(set_name(kind, "x").len() <= MAX_IPSET_LEN);
+        }
+        for fixed in [SET_WORKLOADS, SET_PENDING, SET_NODEPORT_PEERS] {
+            assert!(fixed.len() <= MAX_IPSET_LEN);
+        }
+        for fixed in [CHAIN_FROM_WL, CHAIN_TO_WL, CHAIN_EGRESS_LOCAL, CHAIN_INGRESS_LOCAL] {
+            assert!(fixed.len() <= MAX_CHAIN_LEN);
+        }
     }
 
     #[test]

@@ -126,10 +126,17 @@ enum SetIndex {
     Net(Vec<(Ipv4Net, bool)>),
     Ip(std::collections::HashSet<Ipv4Addr>),
     IpPort(std::collections::HashSet<(Ipv4Addr, u8, u16)>),
+    /// `hash:net,iface`: (network, interface name).
+    NetIface(Vec<(Ipv4Net, String)>),
 }
 
 impl SetIndex {
-    fn contains(&self, ip: Ipv4Addr, proto: u8, port: Option<u16>, dir: SetDir) -> bool {
+    fn contains(&self, pkt: &Packet, dir: SetDir) -> bool {
+        let ip = match dir {
+            SetDir::Src | SetDir::SrcSrc => pkt.src,
+            SetDir::Dst | SetDir::DstDst => pkt.dst,
+        };
+        let (proto, port) = (pkt.proto, pkt.dport);
         match self {
             SetIndex::Net(entries) => {
                 // Most specific entry decides; a `nomatch` entry means "not in the set".
@@ -141,6 +148,16 @@ impl SetIndex {
             }
             SetIndex::Ip(s) => s.contains(&ip),
             SetIndex::IpPort(s) => dir == SetDir::DstDst && port.is_some_and(|port| s.contains(&(ip, proto, port))),
+            // The interface is the input one for `src,src`, the output one for `dst,dst`; a
+            // packet without it (OUTPUT has no input interface) does not match, as in xt_set.
+            SetIndex::NetIface(entries) => {
+                let iface = match dir {
+                    SetDir::SrcSrc => pkt.in_iface.as_deref(),
+                    SetDir::DstDst => pkt.out_iface.as_deref(),
+                    SetDir::Src | SetDir::Dst => None,
+                };
+                iface.is_some_and(|i| entries.iter().any(|(n, e)| n.contains(&ip) && e == i))
+            }
         }
     }
 }
@@ -224,6 +241,22 @@ impl Interpreter {
                         ));
                     }
                     SetIndex::IpPort(s)
+                }
+                "hash:net,iface" => {
+                    let mut v = vec![];
+                    for m in &spec.members {
+                        let (net, iface) = m.split_once(',').ok_or_else(|| bad(m))?;
+                        let net = net
+                            .parse::<Ipv4Net>()
+                            .or_else(|_| net.parse::<Ipv4Addr>().map(Ipv4Net::from))
+                            .map_err(|_| bad(m))?;
+                        // The kernel's limit: IFNAMSIZ less the terminating NUL.
+                        if iface.is_empty() || iface.len() > 15 || net.prefix_len() == 0 {
+                            return Err(bad(m));
+                        }
+                        v.push((net, iface.to_string()));
+                    }
+                    SetIndex::NetIface(v)
                 }
                 other => return Err(InterpError::BadSetType(name.clone(), other.to_string())),
             };
@@ -349,11 +382,7 @@ impl Interpreter {
             Match::DPort { lo, hi } => pkt.dport.is_some_and(|d| (*lo..=*hi).contains(&d)),
             Match::IcmpType { ty, code } => pkt.proto == 1 && pkt.icmp == Some((*ty, *code)),
             Match::Set { name, dir, negate } => {
-                let ip = if *dir == SetDir::Src { pkt.src } else { pkt.dst };
-                let hit = self
-                    .sets
-                    .get(name)
-                    .is_some_and(|s| s.contains(ip, pkt.proto, pkt.dport, *dir));
+                let hit = self.sets.get(name).is_some_and(|s| s.contains(pkt, *dir));
                 hit != *negate
             }
             Match::Mark { value, mask, negate } => ((mark & mask) == *value) != *negate,

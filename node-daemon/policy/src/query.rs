@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use crate::compile::{
-    compile, parse_rule_comment, workload_chain_name, Compiled, NodeCtx, CHAIN_INGRESS_BY_DST, MARK_ACCEPT,
-};
+use crate::compile::{compile, parse_rule_comment, Compiled, NodeCtx, CHAIN_INGRESS_BY_DST, MARK_ACCEPT};
 use crate::interp::{InterpError, Interpreter, Packet, Verdict};
 use crate::model::{Direction, Model, PolicyRef, Protocol};
 use crate::reference::{Endpoint, RuleRef, L4};
@@ -116,7 +114,7 @@ impl NodeView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PacketExplanation {
     pub verdict: Verdict,
-    /// The comment of the last rule that matched (e.g. "anti-spoofing", "no ingress policy allowed").
+    /// The comment of the last rule that matched (e.g. "unknown workload interface or spoofed source", "no ingress policy allowed").
     pub reason: Option<String>,
     /// Policy rules that allowed the packet on its way (egress of the source, ingress of the destination).
     pub allowed_by: Vec<RuleRef>,
@@ -287,10 +285,5 @@ impl<'m> ClusterSim<'m> {
 
     pub fn iface_of(&self, pod: usize) -> Option<&str> {
         self.ifaces.get(&pod).map(String::as_str)
-    }
-
-    /// The TW chain of a pod on its node (for tests that look at the rules).
-    pub fn to_chain_of(&self, pod: usize) -> Option<String> {
-        self.iface_of(pod).map(|i| workload_chain_name(i, Direction::Ingress))
     }
 }

@@ -12,7 +12,10 @@ use ipnet::Ipv4Net;
 pub enum SetDir {
     Src,
     Dst,
-    /// `dst,dst`: destination address and destination port (for `hash:ip,port`).
+    /// `src,src`: source address and input interface (for `hash:net,iface`).
+    SrcSrc,
+    /// `dst,dst`: destination address and destination port (for `hash:ip,port`), or
+    /// destination address and output interface (for `hash:net,iface`).
     DstDst,
 }
 
@@ -21,6 +24,7 @@ impl SetDir {
         match self {
             SetDir::Src => "src",
             SetDir::Dst => "dst",
+            SetDir::SrcSrc => "src,src",
             SetDir::DstDst => "dst,dst",
         }
     }
@@ -379,6 +383,7 @@ impl Rule {
                             let dir = match it.next() {
                                 Some("src") => SetDir::Src,
                                 Some("dst") => SetDir::Dst,
+                                Some("src,src") => SetDir::SrcSrc,
                                 Some("dst,dst") => SetDir::DstDst,
                                 _ => return Err(err("bad set direction")),
                             };

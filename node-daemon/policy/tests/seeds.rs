@@ -164,14 +164,20 @@ spec:
         "ingress/kuard-vnode-ingress-7b6868dd49-drldk",
         tcp(8080)
     ));
-    // The seed's veth name, and its TW chain in warren's naming.
+    // The seed's veth name, known to node1 with the pod's address and nowhere else.
     let sim = c.sim();
     let pod = match c.endpoint("ingress/kuard-vnode-ingress-7b6868dd49-drldk") {
         policy::Endpoint::Pod(i) => i,
         _ => unreachable!(),
     };
     assert_eq!(sim.iface_of(pod), Some("calid3b581beed8"));
-    assert_eq!(sim.to_chain_of(pod).as_deref(), Some("WARREN-TW-calid3b581beed8"));
+    let workloads = |node: &str| {
+        sim.nodes[node].compiled.dataplane.ipsets[policy::compile::SET_WORKLOADS]
+            .members
+            .clone()
+    };
+    assert!(workloads("node1").contains("10.13.76.19,calid3b581beed8"));
+    assert!(!workloads("node2").iter().any(|m| m.ends_with(",calid3b581beed8")));
 }
 
 #[test]

@@ -580,12 +580,12 @@ fn a_workload_the_model_does_not_know_yet_is_closed() {
     );
 }
 
-/// Past `DISPATCH_FLAT_MAX` workloads the dispatch chains split into buckets by interface name;
-/// every guarantee must hold through them: policy (compiled vs reference), anti-spoofing to
-/// other hosts and to the node, fail-closed for unknown interfaces in a used and an unused
-/// bucket, and the node reaching its pods.
+/// Many workloads on one node, all dispatched by set: every guarantee must hold for each:
+/// policy (compiled vs reference), anti-spoofing to other hosts and to the node (with a made-up
+/// address and with a neighbour's), fail-closed for unknown interfaces, and the node reaching
+/// its pods.
 #[test]
-fn many_workloads_on_a_node_keep_every_guarantee_through_the_dispatch_tree() {
+fn many_workloads_on_a_node_keep_every_guarantee() {
     let mut c = base().policy(
         r#"
 metadata: {name: web-from-client, namespace: a}
@@ -607,26 +607,22 @@ spec:
     }
     let ctx = NodeCtx::from_model(&c.model, "node1", "cali").unwrap();
     let dp = compile(&c.model, &ctx).dataplane;
-    let chain = |name: &str| {
-        dp.chains
-            .get(&(conf::dataplane::Table::Filter, name.to_string()))
-            .cloned()
-    };
-    for root in [
-        "WARREN-FROM-WL-DISPATCH",
-        "WARREN-TO-WL-DISPATCH",
-        "WARREN-WL-TO-HOST",
-        "WARREN-HOST-TO-WL",
-    ] {
-        let rules = chain(root).unwrap();
-        assert!(rules.len() <= 16 + 2, "{root} is not split: {} rules", rules.len());
-        assert!(
-            rules.iter().any(|r| r.contains(&format!("-g {root}-"))),
-            "{root}: {rules:#?}"
-        );
+    // Workloads are set members: no chain and no rule names one.
+    for ((_, name), rules) in &dp.chains {
+        for w in &ctx.workloads {
+            assert!(
+                !name.contains(&w.iface) && !rules.iter().any(|r| r.contains(&w.iface)),
+                "{name} names {}",
+                w.iface
+            );
+        }
     }
+    assert_eq!(
+        dp.ipsets[policy::compile::SET_WORKLOADS].members.len(),
+        ctx.workloads.len()
+    );
 
-    // Policy through the tree, same node, both ways; `allows` checks the reference too.
+    // Policy on the same node, both ways; `allows` checks the reference too.
     assert!(c.allows("a/w1", "a/w0", tcp(80)), "client -> web");
     assert!(!c.allows("a/w2", "a/w0", tcp(80)), "web -> web");
     assert!(c.allows("a/w0", "a/w1", tcp(80)), "client is not isolated");
@@ -674,7 +670,22 @@ spec:
             w.pod
         );
     }
-    // Unknown interfaces: one sharing a bucket with known ones, one in a bucket nobody uses.
+    // A workload sending with its neighbour's address.
+    let (a, b) = (&ctx.workloads[0], &ctx.workloads[1]);
+    let stolen = Packet::l4(b.ip.unwrap(), "8.8.8.8".parse().unwrap(), 6, 80);
+    for out in [Some("eth0"), None, Some(b.iface.as_str())] {
+        assert_eq!(
+            i.run(&stolen.clone().via(Some(&a.iface), out)).verdict,
+            Verdict::Drop,
+            "{} with {}'s address to {out:?}",
+            a.pod,
+            b.pod
+        );
+    }
+    // The node sending to a workload's interface for another workload's address.
+    let wrong = Packet::l4(common::node_ip("node1"), b.ip.unwrap(), 6, 8080);
+    assert_eq!(i.run(&wrong.via(None, Some(&a.iface))).verdict, Verdict::Drop);
+    // Unknown interfaces: one a letter off a known one, one of a name nobody uses.
     let known = &ctx.workloads[0].iface;
     let mut same_bucket = known.clone();
     same_bucket.replace_range(same_bucket.len() - 1.., if known.ends_with('0') { "1" } else { "0" });
@@ -790,8 +801,7 @@ fn rules_per_pod_stay_constant_and_policy_chains_grow_with_their_own_rules_only(
     let mut c = base().policy(DENY_ALL_A);
     let ctx = NodeCtx::from_model(&c.model, "node1", "cali").unwrap();
     let before = compile(&c.model, &ctx);
-    let web_tw = policy::compile::workload_chain_name(&iface(&ctx, "web"), policy::model::Direction::Ingress);
-    let key = (conf::dataplane::Table::Filter, web_tw.clone());
+    let key = (conf::dataplane::Table::Filter, policy::compile::CHAIN_TO_WL.to_string());
     let pi_deny = policy::compile::policy_chain_name(
         &policy::model::PolicyRef {
             namespace: "a".into(),
@@ -807,15 +817,20 @@ fn rules_per_pod_stay_constant_and_policy_chains_grow_with_their_own_rules_only(
         ));
     }
     let after = compile(&c.model, &ctx);
-    assert_eq!(
-        before.dataplane.chains[&key], after.dataplane.chains[&key],
-        "web's TW chain unchanged"
-    );
+    assert_eq!(before.dataplane.chains[&key], after.dataplane.chains[&key]);
     assert_eq!(before.dataplane.chains[&pi_key], after.dataplane.chains[&pi_key]);
-    assert_eq!(before.stats.workload_rules, after.stats.workload_rules);
-    assert!(after.stats.max_workload_rules <= policy::compile::MAX_RULES_PER_WORKLOAD);
+    assert_eq!(before.stats.workload_members, after.stats.workload_members);
+    assert!(after.stats.max_workload_members <= policy::compile::MAX_MEMBERS_PER_WORKLOAD);
     // 200 policies selecting nobody add no rules at all here.
     assert_eq!(before.stats.rules, after.stats.rules);
+
+    // A new pod of an existing group is set members only: not one chain changes.
+    let more = c.clone().pod("a/web2", &[("app", "web")], "10.233.90.60", "node1");
+    let ctx2 = NodeCtx::from_model(&more.model, "node1", "cali").unwrap();
+    let added = compile(&more.model, &ctx2);
+    assert_eq!(added.stats.local_workloads, after.stats.local_workloads + 1);
+    assert_eq!(after.dataplane.chains, added.dataplane.chains);
+    assert_ne!(after.dataplane.ipsets, added.dataplane.ipsets);
 
     // Many policies selecting the same pod: its own chains do not grow.
     let mut c = base();
@@ -826,7 +841,7 @@ fn rules_per_pod_stay_constant_and_policy_chains_grow_with_their_own_rules_only(
         ));
     }
     let many = compile(&c.model, &ctx);
-    assert!(many.stats.max_workload_rules <= policy::compile::MAX_RULES_PER_WORKLOAD);
+    assert!(many.stats.max_workload_members <= policy::compile::MAX_MEMBERS_PER_WORKLOAD);
     for (name, rules) in &many.dataplane.chains {
         assert!(name.1.len() <= policy::compile::MAX_CHAIN_LEN, "{}", name.1);
         if name.1.starts_with("WARREN-PI-") {
@@ -892,6 +907,6 @@ spec:
     spoofed.src = "10.233.90.99".parse().unwrap();
     assert_eq!(
         view.explain(&spoofed.via(Some(&db), Some(&web))).to_string(),
-        "dropped (anti-spoofing)"
+        "dropped (unknown workload interface or spoofed source)"
     );
 }
