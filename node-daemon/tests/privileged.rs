@@ -444,3 +444,77 @@ async fn tunl0_scenario() {
     net.clear_tunnel("tunl0").await.unwrap();
     assert!(!a.exec(&["ip", "addr", "show", "tunl0"]).contains("10.233.90.0"));
 }
+
+/// `ipset save` without what differs between two equal sets (the hash seed), sorted.
+fn ipset_state(ns: &Netns) -> Vec<String> {
+    let mut lines: Vec<String> = ns
+        .exec(&["ipset", "save"])
+        .lines()
+        .map(|l| {
+            let mut words: Vec<&str> = l.split_whitespace().collect();
+            if let Some(i) = words.iter().position(|w| *w == "initval") {
+                words.drain(i..(i + 2).min(words.len()));
+            }
+            words.join(" ")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
+    let create = |name: &str, kind: &str| format!("create {name} {kind} family inet hashsize 1024 maxelem 1048576\n");
+    let mut first = String::new();
+    first += &create("warren-n", "hash:net");
+    first += "add warren-n 10.0.0.0/8\nadd warren-n 10.1.0.0/16 nomatch\nadd warren-n 10.2.3.4\n";
+    first += &create("warren-i", "hash:ip");
+    first += "add warren-i 10.9.9.9\nadd warren-i 10.9.9.8\n";
+    first += &create("warren-p", "hash:ip,port");
+    first += "add warren-p 10.0.0.1,tcp:8080\nadd warren-p 10.0.0.2,udp:53\nadd warren-p 10.0.0.3,sctp:9\n";
+    first += &create("warren-w", "hash:net,iface");
+    first += "add warren-w 10.0.0.9,calia1b2c3d4e5f\nadd warren-w 10.0.1.0/24,eth0\n";
+    first += &create("warren-t", "hash:ip");
+    first += "add warren-t 1.1.1.1\nswap warren-t warren-i\ndestroy warren-t\n";
+    first += &create("warren-r", "hash:ip");
+    first += "add warren-r 3.3.3.3\nrename warren-r warren-r2\n";
+    // More members than one message carries.
+    for k in 0..600 {
+        first += &format!("add warren-i 10.50.{}.{}\n", k / 200, k % 200);
+    }
+    // Again, over what exists: existing sets and members are no error (-exist), nor are
+    // deletions of what is not there; a set not created in the text is looked up.
+    let mut second = create("warren-n", "hash:net");
+    second += "add warren-n 10.0.0.0/8\ndel warren-n 10.2.3.4\ndel warren-i 9.9.9.9\ndel warren-i 1.1.1.1\n";
+    second += "add warren-w 10.0.0.10,calib0000000000\nflush warren-p\n";
+
+    let by_netlink = Netns::new("nl");
+    let by_binary = Netns::new("bin");
+    let nl = ExecRunner::in_netns(&by_netlink.0);
+    let bin = ExecRunner::in_netns(&by_binary.0);
+    use node_daemon::writer::CommandRunner;
+    for text in [&first, &second] {
+        nl.run("ipset", &["restore", "-exist"], Some(text)).unwrap();
+        bin.run("sh", &["-c", "ipset restore -exist"], Some(text)).unwrap();
+        assert_eq!(ipset_state(&by_netlink), ipset_state(&by_binary));
+    }
+    let state = ipset_state(&by_netlink);
+    assert!(
+        state.contains(&"add warren-w 10.0.0.9,calia1b2c3d4e5f".to_string()),
+        "{state:#?}"
+    );
+    assert_eq!(state.iter().filter(|l| l.starts_with("add warren-i ")).count(), 600);
+
+    // What the kernel refuses is reported with its line, and nothing after it is done.
+    for (text, why) in [
+        (
+            create("warren-n", "hash:ip") + "add warren-i 10.7.7.7\n",
+            "Error in line 1",
+        ),
+        ("add warren-gone 10.0.0.1\n".to_string(), "does not exist"),
+    ] {
+        let e = nl.run("ipset", &["restore", "-exist"], Some(&text)).unwrap_err();
+        assert!(e.to_string().contains(why), "{text:?}: {e}");
+    }
+    assert!(!ipset_state(&by_netlink).contains(&"add warren-i 10.7.7.7".to_string()));
+}

@@ -46,8 +46,44 @@ impl ExecRunner {
     }
 }
 
+impl ExecRunner {
+    /// `ipset restore -exist` over netlink (see [`super::ipset_nl`]); `None` when it cannot be
+    /// done that way before anything was sent, so that the binary does it.
+    fn ipset_restore_netlink(&self, text: &str) -> Option<Result<String, CmdError>> {
+        use super::ipset_nl::{parse, IpsetError, IpsetSocket};
+        let fallback = |e: IpsetError| {
+            tracing::debug!(error = %e, "ipset over netlink unavailable; using the ipset binary");
+            None
+        };
+        let mut sock = match IpsetSocket::open(self.netns.as_deref()) {
+            Ok(s) => s,
+            Err(e) => return fallback(e),
+        };
+        let ops = match parse(text, &mut |name| sock.kind_of(name)) {
+            Ok(ops) => ops,
+            Err(e @ IpsetError::Kernel { .. }) => return Some(Err(restore_failed(e))),
+            Err(e) => return fallback(e),
+        };
+        Some(sock.run(&ops).map(|()| String::new()).map_err(restore_failed))
+    }
+}
+
+fn restore_failed(e: super::ipset_nl::IpsetError) -> CmdError {
+    CmdError::Failed {
+        program: "ipset".into(),
+        args: "restore -exist (netlink)".into(),
+        status: "refused".into(),
+        stderr: e.to_string(),
+    }
+}
+
 impl CommandRunner for ExecRunner {
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CmdError> {
+        if let (Some(text), "ipset", ["restore", "-exist"]) = (stdin, program, args) {
+            if let Some(r) = self.ipset_restore_netlink(text) {
+                return r;
+            }
+        }
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod cmd;
 pub mod fake;
 pub mod ipset;
+pub mod ipset_nl;
 pub mod iptables;
 
 use std::collections::{BTreeMap, BTreeSet};
