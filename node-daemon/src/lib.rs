@@ -12,4 +12,5 @@ pub mod overlay_fw;
 pub mod policy_sync;
 pub mod reconcile;
 pub mod routes;
+pub mod slim_pod;
 pub mod writer;
