@@ -1,17 +1,21 @@
 //! warren-node's policy pass at scale, without the kernel: the reflected objects → the policy
 //! model → the incremental compiler, as the daemon's main loop runs it on every debounced watch
-//! event. Two ways of getting the model:
-//! - `old`: deep-clone every object out of the stores, then convert them all (`build_with`);
-//! - `new`: hand the stores' `Arc`s to a `ModelCache` kept across passes, which converts only
-//!   objects whose resourceVersion changed; the stores hold pods as the reflector now keeps them
-//!   (`k8s::strip_pod`: only what the daemon reads).
+//! event. Two daemons:
+//! - `old`: the stores hold whole k8s-openapi Pods; every pass deep-clones every object out of
+//!   the stores, then converts them all (`build_with`);
+//! - `new`: what warren-node does: the stores hold pods as `SlimPod`s (only what the daemon
+//!   reads, taken from the JSON), and the stores' `Arc`s go to a `ModelCache` kept across passes,
+//!   which converts only objects whose resourceVersion changed.
 //!
 //! The cluster is the policy benchmarks' simulated one (10 000 pods, 1 000 policies by default)
-//! turned back into k8s-openapi objects with the bulk real ones carry (status, probes, projected
-//! token volume, owner references; managedFields are stripped by the daemon's reflector, so here
-//! too), held in real `kube` reflector stores. Per mode, in its own child process so that its peak
-//! RSS (VmHWM) is its own: the first pass, then p50/p95 over `--passes` no-op passes, passes
-//! after one policy edit, and passes after one pod relabel.
+//! turned back into the API's JSON with the bulk real objects carry (status, probes, projected
+//! token volume, owner references; no managedFields, which neither daemon keeps), read as the
+//! reflector's initial LIST reads it: pages of 500 objects deserialized from text into real
+//! `kube` reflector stores. Per mode, in its own child process so that its peak RSS (VmHWM) is
+//! its own: the first pass, then p50/p95 over `--passes` no-op passes, passes after one policy
+//! edit, and passes after one pod relabel. The bench keeps nothing of the simulated cluster but
+//! the policies' names once the stores are filled, so the RSS columns are the daemon's stores,
+//! model and compiler (and the process's own few MiB).
 //!
 //! Run: `cargo build --release -p node-daemon --example daemon_pass_bench &&
 //!       $CARGO_TARGET_DIR/release/examples/daemon_pass_bench [--pods 10000] [--policies 1000]
@@ -25,15 +29,20 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::{bail, ensure, Context, Result};
 use cluster::{edit_policy, p50_p95_ms, write_json, NODE};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::core::ObjectList;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
-use node_daemon::policy_sync::{self, ModelCache, Objects, PolicyBuild};
+use node_daemon::policy_sync::{self, Listed, ModelCache, Objects, PolicyBuild, PolicyPod};
+use node_daemon::slim_pod::SlimPod;
 use policy::compile::Compiler;
 use policy::model::{Peer, Policy, PortMatch, PortSpec, Selector};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 struct Opts {
@@ -151,58 +160,94 @@ fn status_kib(field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A store filled as a reflector fills it, with the writer to apply later events.
-fn stores<K>(objects: impl IntoIterator<Item = K>) -> (Store<K>, reflector::store::Writer<K>)
+/// The watcher's LIST page size (`watcher::Config::default().page_size`).
+const PAGE: usize = 500;
+
+/// A store filled as the reflector's initial LIST fills it: each page of the API's JSON is read
+/// from its text into a `kube` `ObjectList` (as the client reads a response body), its objects go
+/// into the store's buffer one by one, and the buffer becomes the store at the end. Returns the
+/// writer too, for later events.
+fn listed<K>(objects: impl Iterator<Item = Value>) -> Result<(Store<K>, reflector::store::Writer<K>)>
 where
-    K: kube::Resource + Clone + 'static,
+    K: kube::Resource + Clone + DeserializeOwned + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Default,
 {
+    let dt = K::DynamicType::default();
+    let (api_version, kind) = (K::api_version(&dt), K::kind(&dt));
     let (store, mut writer) = reflector::store::<K>();
-    for o in objects {
-        writer.apply_watcher_event(&watcher::Event::Apply(o));
+    writer.apply_watcher_event(&watcher::Event::Init);
+    let mut objects = objects.peekable();
+    while objects.peek().is_some() {
+        let mut text = format!(
+            r#"{{"apiVersion":"{api_version}","kind":"{kind}List","metadata":{{"resourceVersion":"1"}},"items":["#
+        );
+        for (i, o) in objects.by_ref().take(PAGE).enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(&o.to_string());
+        }
+        text.push_str("]}");
+        let page: ObjectList<K> = serde_json::from_str(&text).with_context(|| format!("a page of {kind}s"))?;
+        drop(text);
+        for o in page.items {
+            writer.apply_watcher_event(&watcher::Event::InitApply(o));
+        }
     }
-    (store, writer)
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    Ok((store, writer))
 }
 
 fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
+    if mode == "old" {
+        run::<Pod>(mode, o)
+    } else {
+        run::<SlimPod>(mode, o)
+    }
+}
+
+/// One mode, its stores holding pods as `P`.
+fn run<P>(mode: &str, o: &Opts) -> Result<Value>
+where
+    P: PolicyPod + kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + 'static,
+    Arc<P>: Listed<P>,
+{
     let model = cluster::cluster(o.pods, o.policies);
     let mut rv = 1u64;
     let mut next_rv = || {
         rv += 1;
         rv.to_string()
     };
-    let (ns_store, _ns_writer) = stores(model.namespaces.values().map(|n| {
-        from_json::<Namespace>(json!({
+    let (ns_store, _ns_writer) = listed::<Namespace>(model.namespaces.values().map(|n| {
+        json!({
             "metadata": {"name": n.name, "resourceVersion": next_rv(), "labels": n.labels,
                          "uid": uid(&n.name), "creationTimestamp": "2025-01-01T00:00:00Z"},
             "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"}
-        }))
-    }));
-    // The daemon's reflector now keeps only what it reads of a Pod (`k8s::strip_pod`).
-    let stored = |mut p: Pod| {
-        if mode != "old" {
-            node_daemon::k8s::strip_pod(&mut p);
-        }
-        p
-    };
+        })
+    }))?;
     let (pod_store, mut pod_writer) =
-        stores((0..model.pods.len()).map(|i| stored(k8s_pod(&model.pods[i], i, &next_rv()))));
-    let (pol_store, mut pol_writer) = stores(model.policies.iter().map(|p| k8s_policy(p, &next_rv())));
-    // The daemon holds no model of its own beyond what the cache and compiler keep; the edits
-    // below need the policies only.
-    let mut policies = model.policies;
-    drop(model.pods);
+        listed::<P>(model.pods.iter().enumerate().map(|(i, p)| k8s_pod(p, i, &next_rv())))?;
+    let (pol_store, mut pol_writer) =
+        listed::<NetworkPolicy>(model.policies.iter().map(|p| k8s_policy(p, &next_rv())))?;
+    // The daemon holds no model of its own beyond what the cache and compiler keep: the policy
+    // edits below start from the stored policies, found by name.
+    let policy_ids: Vec<(String, String)> = model
+        .policies
+        .iter()
+        .map(|p| (p.namespace.clone(), p.name.clone()))
+        .collect();
+    drop(model);
     let stores_rss_kib = status_kib("VmRSS:");
 
     let mut compiler = Compiler::new();
-    let mut cache = ModelCache::default();
+    let mut cache = ModelCache::<P>::default();
     let mut pass = |compiler: &mut Compiler| -> Result<(Duration, PolicyBuild)> {
         let start = Instant::now();
         let b = if mode == "old" {
             // What warren-node did: a deep copy of every object, then a conversion of each.
             let ns: Vec<Namespace> = ns_store.state().iter().map(|o| (**o).clone()).collect();
-            let ps: Vec<Pod> = pod_store.state().iter().map(|o| (**o).clone()).collect();
+            let ps: Vec<P> = pod_store.state().iter().map(|o| (**o).clone()).collect();
             let np: Vec<NetworkPolicy> = pol_store.state().iter().map(|o| (**o).clone()).collect();
             policy_sync::build_with(&ns, &ps, &np, NODE, conf::names::HOST_VETH_PREFIX, None, compiler)?
         } else {
@@ -234,9 +279,9 @@ fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
     }
     let mut policy_edit = vec![];
     for i in 0..o.passes {
-        edit_policy_in(&mut policies, i);
-        let p = &policies[(i * 37) % policies.len()];
-        pol_writer.apply_watcher_event(&watcher::Event::Apply(k8s_policy(p, &next_rv())));
+        let (ns, name) = &policy_ids[(i * 37) % policy_ids.len()];
+        let edited = edited_policy(&pol_store, ns, name, i, &next_rv())?;
+        pol_writer.apply_watcher_event(&watcher::Event::Apply(edited));
         policy_edit.push(pass(&mut compiler)?.0);
     }
     let mut pod_edit = vec![];
@@ -248,12 +293,12 @@ fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
             .get(&ObjectRef::new(&name).within(&ns))
             .with_context(|| format!("{ns}/{name} in the store"))?;
         let mut pod = (*old).clone();
-        pod.metadata.resource_version = Some(next_rv());
-        pod.metadata
-            .labels
+        let meta = pod.meta_mut();
+        meta.resource_version = Some(next_rv());
+        meta.labels
             .get_or_insert_default()
             .insert("app".into(), format!("app{}", (i + n) % 40));
-        pod_writer.apply_watcher_event(&watcher::Event::Apply(stored(pod)));
+        pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
         pod_edit.push(pass(&mut compiler)?.0);
     }
     let (_, last) = pass(&mut compiler)?;
@@ -262,10 +307,17 @@ fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
     for _ in 0..o.passes {
         let start = Instant::now();
         if mode == "old" {
+            // The model half of `build_with`: a fresh cache converts everything.
             let ns: Vec<Namespace> = ns_store.state().iter().map(|o| (**o).clone()).collect();
-            let ps: Vec<Pod> = pod_store.state().iter().map(|o| (**o).clone()).collect();
+            let ps: Vec<P> = pod_store.state().iter().map(|o| (**o).clone()).collect();
             let np: Vec<NetworkPolicy> = pol_store.state().iter().map(|o| (**o).clone()).collect();
-            std::hint::black_box(policy::convert::convert(&ns, &ps, &np));
+            let mut fresh = ModelCache::<P>::default();
+            fresh.update(Objects {
+                namespaces: &ns,
+                pods: &ps,
+                policies: &np,
+            });
+            std::hint::black_box(fresh);
         } else {
             cache.update(Objects {
                 namespaces: &ns_store.state(),
@@ -305,14 +357,19 @@ fn run_mode(mode: &str, o: &Opts) -> Result<Value> {
     }))
 }
 
-/// `edit_policy` works on a model; only its policies are kept here.
-fn edit_policy_in(policies: &mut Vec<Policy>, i: usize) {
+/// The stored `ns/name` after policy edit number `i` (`cluster::edit_policy` picks the policy
+/// from `i`; the caller has named the same one), with resourceVersion `rv`.
+fn edited_policy(store: &Store<NetworkPolicy>, ns: &str, name: &str, i: usize, rv: &str) -> Result<NetworkPolicy> {
+    let stored = store
+        .get(&ObjectRef::new(name).within(ns))
+        .with_context(|| format!("policy {ns}/{name} in the store"))?;
     let mut m = policy::model::Model {
-        policies: std::mem::take(policies),
+        policies: vec![policy::convert::convert_policy(&stored)?],
         ..Default::default()
     };
+    // With one policy, `edit_policy` edits that one as it would edit it in the whole cluster.
     edit_policy(&mut m, i);
-    *policies = m.policies;
+    Ok(from_json(k8s_policy(&m.policies[0], rv)))
 }
 
 /// FNV-1a, enough to tell two dataplanes apart.
@@ -339,7 +396,7 @@ fn uid(seed: &str) -> String {
 }
 
 /// A pod as the API server returns it for a Deployment's replica, minus managedFields.
-fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Pod {
+fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Value {
     let app = p.labels.get("app").cloned().unwrap_or_default();
     let hash = format!("{:010x}", digest(&app) & 0xff_ffff_ffff);
     let ip = p.ip.map(|ip| ip.to_string());
@@ -351,7 +408,7 @@ fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Pod {
         .collect();
     let time = "2025-01-01T00:00:00Z";
     let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": time});
-    from_json(json!({
+    json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -421,7 +478,7 @@ fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Pod {
                 "lastState": {}
             }]
         }
-    }))
+    })
 }
 
 fn selector(s: &Selector) -> Value {
@@ -468,7 +525,7 @@ fn port(p: &PortMatch) -> Value {
 }
 
 /// The NetworkPolicy that converts back to `p`.
-fn k8s_policy(p: &Policy, rv: &str) -> NetworkPolicy {
+fn k8s_policy(p: &Policy, rv: &str) -> Value {
     let rules = |rules: &[policy::model::Rule], peers: &str| -> Vec<Value> {
         rules
             .iter()
@@ -487,7 +544,7 @@ fn k8s_policy(p: &Policy, rv: &str) -> NetworkPolicy {
     if p.egress_type {
         types.push("Egress");
     }
-    from_json(json!({
+    json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": p.name, "namespace": p.namespace, "resourceVersion": rv,
@@ -499,5 +556,5 @@ fn k8s_policy(p: &Policy, rv: &str) -> NetworkPolicy {
             "egress": rules(&p.egress, "to"),
             "policyTypes": types
         }
-    }))
+    })
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -37,7 +37,8 @@ where
 /// costs one attempt per backoff step, never a busy loop; the store keeps the last state
 /// meanwhile, so the dataplane stays as it is.
 /// Each object goes through `strip` before it is stored: the store keeps only what the daemon
-/// reads (managedFields are dropped for every kind).
+/// reads (managedFields are dropped for every kind). Pods are best reflected as
+/// [`SlimPod`](crate::slim_pod::SlimPod)s, which never deserialize more than that.
 pub fn reflect<K>(api: Api<K>, changed: Arc<Notify>, metrics: Arc<Metrics>, strip: fn(&mut K)) -> Reflected<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -71,41 +72,6 @@ where
         }
     });
     Reflected { store, synced }
-}
-
-/// Keeps what NetworkPolicy and the pod-programmed metric read of a Pod: its metadata (names,
-/// labels, resourceVersion, creationTimestamp), node, host-network flag, container ports, phase
-/// and IPs. A whole Pod (status conditions, container statuses, volumes, env, probes,
-/// annotations) is ~20 KB in memory: ~200 MiB of store at 10 000 pods, against issue 5's 60 MiB.
-pub fn strip_pod(p: &mut Pod) {
-    p.metadata.annotations = None;
-    p.metadata.owner_references = None;
-    p.metadata.finalizers = None;
-    if let Some(spec) = p.spec.take() {
-        let containers = spec
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect();
-        p.spec = Some(PodSpec {
-            containers,
-            host_network: spec.host_network,
-            node_name: spec.node_name,
-            ..PodSpec::default()
-        });
-    }
-    if let Some(status) = p.status.take() {
-        p.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..PodStatus::default()
-        });
-    }
 }
 
 /// For kinds kept whole (but for their managedFields).
@@ -199,62 +165,104 @@ pub async fn set_network_available(client: &Client, node: &str) -> Result<(), ku
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slim_pod::SlimPod;
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use kube::api::DeleteParams;
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use serde_json::json;
+    use std::time::Duration;
 
-    fn pod(host_network: bool, phase: &str) -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-1", "namespace": "shop", "resourceVersion": "42", "uid": "u-1",
-                "creationTimestamp": "2026-11-23T10:00:00Z",
-                "labels": {"app": "web", "tier": "front"},
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4000)},
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
-            },
-            "spec": {
-                "nodeName": "node2", "hostNetwork": host_network,
-                "containers": [{
-                    "name": "app", "image": "nginx", "env": [{"name": "A", "value": "b".repeat(2000)}],
-                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
-                              {"name": "dns", "containerPort": 53, "protocol": "UDP"}],
-                    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}
-                }],
-                "volumes": [{"name": "token", "projected": {"sources": []}}]
-            },
-            "status": {
-                "phase": phase, "podIP": "10.233.90.7", "podIPs": [{"ip": "10.233.90.7"}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "nginx",
-                                       "imageID": "sha256:abc"}]
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..100 {
+            if f() {
+                return;
             }
-        }))
-        .unwrap()
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}: not within 5 s");
     }
 
-    #[test]
-    fn should_strip_a_pod_to_what_policy_reads_and_nothing_less() {
-        for (host, phase) in [
-            (false, "Running"),
-            (false, "Pending"),
-            (false, "Succeeded"),
-            (true, "Running"),
-        ] {
-            let full = pod(host, phase);
-            let mut kept = full.clone();
-            strip_pod(&mut kept);
-            assert_eq!(
-                policy::convert::convert_pod(&kept),
-                policy::convert::convert_pod(&full),
-                "{host} {phase}"
-            );
-            assert_eq!(kept.metadata.resource_version, full.metadata.resource_version);
-            assert_eq!(kept.metadata.creation_timestamp, full.metadata.creation_timestamp);
-            let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
-            assert!(
-                size(&kept) * 10 < size(&full),
-                "{} of {} bytes kept",
-                size(&kept),
-                size(&full)
-            );
-        }
-        assert!(policy::convert::convert_pod(&pod(false, "Running")).is_some_and(|p| p.ports.len() == 2));
+    /// The daemon's pod reflector against the lab's API stand-in (HTTPS, token, list then
+    /// watch): pods listed before it starts and pods changed or deleted after, read as
+    /// `SlimPod`s.
+    #[tokio::test]
+    async fn should_reflect_slim_pods_from_an_api_server() {
+        let state = tempfile::tempdir().unwrap();
+        let server = lab_apiserver::Server::start(lab_apiserver::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: state.path().to_path_buf(),
+            token: None,
+            extra_sans: vec![],
+        })
+        .await
+        .unwrap();
+        let kc = Kubeconfig::from_yaml(&lab_apiserver::kubeconfig(
+            &server.url(),
+            server.ca_pem(),
+            server.token(),
+        ))
+        .unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        let client = Client::try_from(cfg).unwrap();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+        let pod = |name: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"app": "web"}, "annotations": {"note": "not kept"}},
+                "spec": {"nodeName": "node1", "containers": [{"name": "app", "image": "nginx",
+                         "ports": [{"name": "http", "containerPort": 8080}]}]}
+            }))
+            .unwrap()
+        };
+        pods.create(&PostParams::default(), &pod("listed")).await.unwrap();
+
+        let reflected = reflect(
+            Api::<SlimPod>::all(client.clone()),
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::default()),
+            keep_all,
+        );
+        let get = |name: &str| reflected.store.get(&reflector::ObjectRef::new(name).within("shop"));
+        eventually("the initial list", || {
+            reflected.synced.load(Ordering::Acquire) && get("listed").is_some()
+        })
+        .await;
+        let listed = get("listed").unwrap();
+        assert_eq!(listed.metadata.labels.as_ref().unwrap()["app"], "web");
+        assert!(listed.metadata.annotations.is_none());
+        assert!(listed.metadata.resource_version.is_some() && listed.metadata.creation_timestamp.is_some());
+        let spec = listed.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("node1"));
+        assert_eq!(spec.containers[0].ports[0].container_port, 8080);
+
+        pods.create(&PostParams::default(), &pod("watched")).await.unwrap();
+        eventually("a pod added", || get("watched").is_some()).await;
+        pods.patch_status(
+            "watched",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "10.233.90.5"}})),
+        )
+        .await
+        .unwrap();
+        eventually("a pod's IP", || {
+            get("watched").is_some_and(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.pod_ip.as_deref() == Some("10.233.90.5"))
+            })
+        })
+        .await;
+        pods.delete("listed", &DeleteParams::default()).await.unwrap();
+        eventually("a pod deleted", || get("listed").is_none()).await;
+        server.shutdown().await;
     }
 }

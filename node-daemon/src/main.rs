@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use conf::daemon::{parse_pool, DaemonConfig, IpipMode, IptablesBackend, IPIP_OVERHEAD};
 use conf::dataplane::DesiredDataplane;
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -23,6 +23,7 @@ use node_daemon::netlink::{sync_routes, LinkOps, Netlink};
 use node_daemon::policy_sync::{self, PolicyTracker};
 use node_daemon::reconcile::{LocalNode, Reconciler};
 use node_daemon::routes::NodeInfo;
+use node_daemon::slim_pod::SlimPod;
 use node_daemon::writer::{backend, ExecRunner, Writer};
 use node_daemon::{cniconf, health};
 use tokio::signal::unix::{signal, SignalKind};
@@ -242,11 +243,13 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let changed = Arc::new(Notify::new());
     let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone(), k8s::keep_all);
+    // Pods are read as `SlimPod`s (the same /api/v1/pods list and watch): whole Pods in the
+    // store would be most of the daemon's memory at 10 000 pods (issue 5).
     let pods = k8s::reflect(
-        Api::<Pod>::all(client.clone()),
+        Api::<SlimPod>::all(client.clone()),
         changed.clone(),
         metrics.clone(),
-        k8s::strip_pod,
+        k8s::keep_all,
     );
     let namespaces = k8s::reflect(
         Api::<Namespace>::all(client.clone()),

@@ -19,6 +19,7 @@ use policy::PolicyError;
 
 use crate::metrics::Metrics;
 use crate::routes::NodeInfo;
+use crate::slim_pod::SlimPod;
 use conf::daemon::{IpipMode, NodePortPolicy};
 use ipnet::Ipv4Net;
 use policy::compile::{Compiler, NodePortCheck};
@@ -45,9 +46,9 @@ pub enum PolicySyncError {
 
 /// Converts and compiles for `node`, NodePort behaviour plain. A malformed policy ends up in
 /// `errors`, never as an `Err`: the other policies keep being enforced.
-pub fn build(
+pub fn build<P: PolicyPod>(
     namespaces: &[core::Namespace],
-    pods: &[core::Pod],
+    pods: &[P],
     policies: &[net::NetworkPolicy],
     node: &str,
     veth_prefix: &str,
@@ -66,16 +67,16 @@ pub fn build(
 /// [`build`] with the NodePort check (preserve-source) when `nodeport` is `Some`, compiled
 /// incrementally by `compiler`. Converts every object: the daemon keeps a [`ModelCache`] across
 /// passes instead.
-pub fn build_with(
+pub fn build_with<P: PolicyPod>(
     namespaces: &[core::Namespace],
-    pods: &[core::Pod],
+    pods: &[P],
     policies: &[net::NetworkPolicy],
     node: &str,
     veth_prefix: &str,
     nodeport: Option<NodePortCheck>,
     compiler: &mut Compiler,
 ) -> Result<PolicyBuild, PolicySyncError> {
-    ModelCache::default().build(
+    ModelCache::<P>::default().build(
         Objects {
             namespaces,
             pods,
@@ -122,7 +123,26 @@ macro_rules! listed {
         }
     )*};
 }
-listed!(core::Namespace, core::Pod, net::NetworkPolicy);
+listed!(core::Namespace, core::Pod, SlimPod, net::NetworkPolicy);
+
+/// A pod as the cache reads it: the daemon's [`SlimPod`], or the API's own Pod (what [`build`]
+/// takes, so that callers holding whole Pods need no conversion).
+pub trait PolicyPod: Metadata<Ty = ObjectMeta> + Listed<Self> + Sized {
+    /// As `policy::convert::convert_pod`: None for pods that take no part.
+    fn convert(&self) -> Option<policy::model::Pod>;
+}
+
+impl PolicyPod for core::Pod {
+    fn convert(&self) -> Option<policy::model::Pod> {
+        convert::convert_pod(self)
+    }
+}
+
+impl PolicyPod for SlimPod {
+    fn convert(&self) -> Option<policy::model::Pod> {
+        convert::convert_pod(&self.to_k8s())
+    }
+}
 
 /// One object as last converted.
 #[derive(Debug)]
@@ -282,16 +302,30 @@ impl<K: Metadata<Ty = ObjectMeta>> Kind<K> {
 /// `policies`, which are sorted by (namespace, name): the compiler's output does not depend on
 /// it, and a stable order lets its unchanged-pods check pass even after a relist reorders the
 /// store. Two objects with the same (namespace, name) in one list (the API server never sends
-/// that) keep the first.
-#[derive(Debug, Default)]
-pub struct ModelCache {
+/// that) keep the first. `P` is the pods' type: the daemon's reflector keeps [`SlimPod`]s.
+#[derive(Debug)]
+pub struct ModelCache<P = SlimPod> {
     model: Model,
     pass: u64,
     namespaces: Kind<core::Namespace>,
-    pods: Kind<core::Pod>,
+    pods: Kind<P>,
     policies: Kind<net::NetworkPolicy>,
     /// Conversion errors, reported again on every pass as a fresh conversion would.
     errors: BTreeMap<PolicyRef, PolicyError>,
+}
+
+// Not derived: a derived `Default` would require `P: Default`.
+impl<P> Default for ModelCache<P> {
+    fn default() -> Self {
+        ModelCache {
+            model: Model::default(),
+            pass: 0,
+            namespaces: Kind::default(),
+            pods: Kind::default(),
+            policies: Kind::default(),
+            errors: BTreeMap::new(),
+        }
+    }
 }
 
 /// Applies `changes` (None: removed) to `list`, sorted by `key`, moving the unchanged items.
@@ -313,17 +347,17 @@ fn merge<T>(list: &mut Vec<T>, changes: BTreeMap<(String, String), Option<T>>, k
     *list = out;
 }
 
-fn creation(p: &core::Pod) -> Option<SystemTime> {
-    let ts = p.metadata.creation_timestamp.as_ref()?;
+fn creation<P: PolicyPod>(p: &P) -> Option<SystemTime> {
+    let ts = p.metadata().creation_timestamp.as_ref()?;
     Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ts.0.as_nanosecond()).ok()?))
 }
 
-impl ModelCache {
+impl<P: PolicyPod> ModelCache<P> {
     /// Brings the model up to date with the objects of this pass.
-    pub fn update<N, P, Q>(&mut self, objects: Objects<'_, N, P, Q>)
+    pub fn update<N, L, Q>(&mut self, objects: Objects<'_, N, L, Q>)
     where
         N: Listed<core::Namespace>,
-        P: Listed<core::Pod>,
+        L: Listed<P>,
         Q: Listed<net::NetworkPolicy>,
     {
         self.pass += 1;
@@ -352,10 +386,10 @@ impl ModelCache {
             pass,
             objects.pods,
             // As `convert_pod`: no name, no model pod.
-            |p| Some((convert::object_namespace(&p.metadata), p.metadata.name.as_deref()?)),
+            |p| Some((convert::object_namespace(p.metadata()), p.metadata().name.as_deref()?)),
             creation,
             |ns, name, p| {
-                changes.insert((ns.to_string(), name.to_string()), convert::convert_pod(p));
+                changes.insert((ns.to_string(), name.to_string()), p.convert());
             },
         );
         changes.extend(gone.into_iter().map(|k| (k, None)));
@@ -416,9 +450,9 @@ impl ModelCache {
     }
 
     /// [`Self::update`], then compiles for `node` as [`build_with`] does.
-    pub fn build<N, P, Q>(
+    pub fn build<N, L, Q>(
         &mut self,
-        objects: Objects<'_, N, P, Q>,
+        objects: Objects<'_, N, L, Q>,
         node: &str,
         veth_prefix: &str,
         nodeport: Option<NodePortCheck>,
@@ -426,7 +460,7 @@ impl ModelCache {
     ) -> Result<PolicyBuild, PolicySyncError>
     where
         N: Listed<core::Namespace>,
-        P: Listed<core::Pod>,
+        L: Listed<P>,
         Q: Listed<net::NetworkPolicy>,
     {
         let start = Instant::now();
@@ -616,6 +650,13 @@ mod tests {
         .unwrap()
     }
 
+    /// The pods as the daemon's reflector reads them from the API's JSON.
+    fn slim(pods: &[core::Pod]) -> Vec<SlimPod> {
+        pods.iter()
+            .map(|p| serde_json::from_value(serde_json::to_value(p).unwrap()).unwrap())
+            .collect()
+    }
+
     fn netpol(ns: &str, name: &str, rv: &str, spec: serde_json::Value) -> net::NetworkPolicy {
         serde_json::from_value(
             json!({"metadata": {"name": name, "namespace": ns, "resourceVersion": rv}, "spec": spec}),
@@ -658,7 +699,7 @@ mod tests {
     /// What the daemon needs from a pass: the model, the errors and the compiled dataplane.
     fn assert_as_fresh(
         (cache, compiler): (&mut ModelCache, &mut Compiler),
-        stores: &mut (Store<core::Namespace>, Store<core::Pod>, Store<net::NetworkPolicy>),
+        stores: &mut (Store<core::Namespace>, Store<SlimPod>, Store<net::NetworkPolicy>),
         (namespaces, pods, policies): (&[core::Namespace], &[core::Pod], &[net::NetworkPolicy]),
         step: &str,
     ) {
@@ -666,7 +707,7 @@ mod tests {
             .build(
                 Objects {
                     namespaces: &stores.0.sync(namespaces),
-                    pods: &stores.1.sync(pods),
+                    pods: &stores.1.sync(&slim(pods)),
                     policies: &stores.2.sync(policies),
                 },
                 "node1",
@@ -779,7 +820,7 @@ mod tests {
         let update = |c: &mut ModelCache, pods: &[core::Pod]| {
             c.update(Objects::<core::Namespace, _, net::NetworkPolicy> {
                 namespaces: &[],
-                pods,
+                pods: &slim(pods),
                 policies: &[],
             })
         };
@@ -797,7 +838,7 @@ mod tests {
     fn should_report_conversion_errors_and_creation_times_every_pass() {
         let mut cache = ModelCache::default();
         let mut compiler = Compiler::new();
-        let pods = [pod("a", "web", "1", "web", "node1", "10.233.90.2")];
+        let pods = slim(&[pod("a", "web", "1", "web", "node1", "10.233.90.2")]);
         let pols = [netpol("a", "bad", "1", json!({"policyTypes": ["Sideways"]}))];
         for pass in 0..2 {
             let b = cache
