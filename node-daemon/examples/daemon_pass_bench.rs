@@ -292,12 +292,12 @@ where
         let old = pod_store
             .get(&ObjectRef::new(&name).within(&ns))
             .with_context(|| format!("{ns}/{name} in the store"))?;
-        let mut pod = (*old).clone();
-        let meta = pod.meta_mut();
-        meta.resource_version = Some(next_rv());
-        meta.labels
-            .get_or_insert_default()
-            .insert("app".into(), format!("app{}", (i + n) % 40));
+        let mut relabelled = old
+            .convert()
+            .with_context(|| format!("{ns}/{name} takes part in policy"))?;
+        relabelled.labels.insert("app".into(), format!("app{}", (i + n) % 40));
+        // Its next version as a watch event brings it: read from the API's JSON.
+        let pod: P = from_json(k8s_pod(&relabelled, n, &next_rv()));
         pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
         pod_edit.push(pass(&mut compiler)?.0);
     }

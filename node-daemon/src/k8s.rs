@@ -237,7 +237,7 @@ mod tests {
         })
         .await;
         let listed = get("listed").unwrap();
-        assert_eq!(listed.metadata.labels.as_ref().unwrap()["app"], "web");
+        assert_eq!(listed.labels.get("app"), Some("web"));
         assert!(listed.metadata.annotations.is_none());
         assert!(listed.metadata.resource_version.is_some() && listed.metadata.creation_timestamp.is_some());
         let spec = listed.spec.as_ref().unwrap();
