@@ -46,6 +46,9 @@ impl ExecRunner {
     }
 }
 
+/// `WARREN_IPSET_NETLINK=0` makes warren write ipsets with the `ipset` binary.
+pub const IPSET_NETLINK_ENV: &str = "WARREN_IPSET_NETLINK";
+
 impl ExecRunner {
     /// `ipset restore -exist` over netlink (see [`super::ipset_nl`]); `None` when it cannot be
     /// done that way before anything was sent, so that the binary does it.
@@ -55,6 +58,10 @@ impl ExecRunner {
             tracing::debug!(error = %e, "ipset over netlink unavailable; using the ipset binary");
             None
         };
+        // The escape hatch, should a kernel ever answer differently from the binary.
+        if std::env::var_os(IPSET_NETLINK_ENV).is_some_and(|v| v == "0") {
+            return None;
+        }
         let mut sock = match IpsetSocket::open(self.netns.as_deref()) {
             Ok(s) => s,
             Err(e) => return fallback(e),
