@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use policy::model::Protocol;
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const NFNETLINK_V0: u8 = 0;
@@ -137,12 +138,11 @@ fn member(kind: &str, words: &[&str]) -> Result<Member, String> {
         "hash:ip,port" if rest.is_empty() => {
             let (a, pp) = first.split_once(',').ok_or_else(bad)?;
             let (proto, port) = pp.split_once(':').ok_or_else(bad)?;
-            let proto = match proto {
-                "tcp" => 6,
-                "udp" => 17,
-                "sctp" => 132,
-                _ => return Err(bad()),
-            };
+            let proto = Protocol::ALL
+                .into_iter()
+                .find(|p| p.name() == proto)
+                .map(Protocol::number)
+                .ok_or_else(bad)?;
             Member::IpPort {
                 addr: a.parse().map_err(|_| bad())?,
                 proto,
