@@ -14,9 +14,11 @@
 //!   policy group chain through one `hash:ip` set of local pods per group (`warren-we-<hash>` /
 //!   `warren-wi-<hash>`); no group means not isolated. Rules per pod: none.
 //! - `WARREN-GI-<hash>` / `WARREN-GE-<hash>`: one per distinct ordered set of policies selecting
-//!   pods; jumps to each `WARREN-PI-<hash>` / `WARREN-PO-<hash>` and returns once accepted.
-//! - Policy chains: one rule per (rule, peer, port), matching ipsets; rules per policy grow with
-//!   that policy's rules only.
+//!   pods; jumps to each `WARREN-PI-<hash>` / `WARREN-PO-<hash>` in turn, each after the first
+//!   only while the accept mark is unset: one rule per policy.
+//! - Policy chains: one rule per (rule, peer, port), matching ipsets, that goes (`-g`) to
+//!   `WARREN-ALLOW`: it sets the accept mark, and its end returns to the group chain, leaving
+//!   the policy. Rules per policy grow with that policy's rules only.
 //! - `WARREN-INGRESS-BY-DST`: answers "does the ingress policy of the pod at this destination IP
 //!   allow this packet?" on any node (sets the accept mark or not; not hooked by the compiler).
 //!   Destination IPs are dispatched to group chains through one `hash:ip` set per group.
@@ -58,6 +60,11 @@ pub const SET_PENDING: &str = "warren-pending";
 pub const CHAIN_WL_TO_HOST: &str = "WARREN-WL-TO-HOST";
 pub const CHAIN_HOST_TO_WL: &str = "WARREN-HOST-TO-WL";
 pub const CHAIN_INGRESS_BY_DST: &str = "WARREN-INGRESS-BY-DST";
+/// Sets the accept mark. Policy chains go to it (`-g`) so that its end returns straight to the
+/// group chain that called the policy: one rule per allowed peer × port, and no `RETURN` after
+/// each, which keeps the table (and every legacy `iptables-restore`, which rewrites it whole)
+/// smaller.
+pub const CHAIN_ALLOW: &str = "WARREN-ALLOW";
 /// Service traffic this node forwards to a pod on another node, checked here (preserve-source).
 pub const CHAIN_NODEPORT: &str = "WARREN-NODEPORT";
 /// nat POSTROUTING: checked service traffic leaves with this node's NodePort source.
@@ -1474,11 +1481,24 @@ fn group_chain(d: Direction, ids: &[PolicyRef]) -> (String, Vec<Rule>) {
         },
         &format!("group\n{}", text.join("\n")),
     );
-    let mut body = vec![];
-    for id in ids {
-        body.push(Rule::new(vec![], Action::Jump(policy_chain_name(id, d))));
-        body.push(Rule::new(vec![mark_is_accept()], Action::Return));
-    }
+    // The mark is clear on entry, so the first policy needs no guard; each later one is
+    // skipped as soon as an earlier one allowed (a mark compare, cheaper than a chain walk).
+    let body = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let guard = if i == 0 {
+                vec![]
+            } else {
+                vec![Match::Mark {
+                    value: MARK_ACCEPT,
+                    mask: MARK_ACCEPT,
+                    negate: true,
+                }]
+            };
+            Rule::new(guard, Action::Jump(policy_chain_name(id, d)))
+        })
+        .collect();
     (name, body)
 }
 
@@ -1582,6 +1602,7 @@ fn frame_chains(
     nat: &mut BTreeMap<String, Vec<String>>,
     hooks: &mut BTreeSet<Hook>,
 ) {
+    chains.insert(CHAIN_ALLOW.into(), vec![Rule::new(vec![], set_accept())]);
     let mut forward = vec![
         Rule::new(vec![], clear_accept()),
         Rule::new(vec![iface_match(wild, false)], Action::Jump(CHAIN_FROM_WL.into())),
@@ -1721,9 +1742,9 @@ pub fn render_text(dp: &DesiredDataplane) -> String {
     out
 }
 
-/// The rules of one policy chain: per rule, one iptables rule per (port, peer) that sets the
-/// accept mark, then a return once marked (so the first allowing rule is the one named). Every
-/// set a rule matches is reported to `uses` (name, definition).
+/// The rules of one policy chain: per rule, one iptables rule per (port, peer) that goes to
+/// [`CHAIN_ALLOW`], which leaves the policy at once (so the first allowing rule is the one whose
+/// counters grow). Every set a rule matches is reported to `uses` (name, definition).
 fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)) -> Vec<Rule> {
     let mut rules = vec![];
     let dir = match d {
@@ -1779,10 +1800,9 @@ fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)
             for peer in &peers {
                 let mut m = port.clone();
                 m.extend(peer.iter().cloned());
-                rules.push(Rule::new(m, set_accept()).commented(comment.clone()));
+                rules.push(Rule::new(m, Action::Goto(CHAIN_ALLOW.into())).commented(comment.clone()));
             }
         }
-        rules.push(Rule::new(vec![mark_is_accept()], Action::Return));
     }
     rules
 }

@@ -356,7 +356,9 @@ impl Interpreter {
             },
             Action::SetMark { value, mask } => {
                 t.mark = (t.mark & !mask) ^ value;
-                if let (Some(c), true) = (&r.comment, *value != 0) {
+                // A mark set by an uncommented rule (WARREN-ALLOW's) belongs to the rule that
+                // led there: the last commented rule that matched, i.e. the policy rule's goto.
+                if let (Some(c), true) = (r.comment.as_ref().or(t.last_comment.as_ref()), *value != 0) {
                     t.marked_by = Some(c.clone());
                     t.marks.push(c.clone());
                 }
