@@ -19,6 +19,8 @@
 //! Run: `cargo build --release -p node-daemon --examples &&
 //!       $CARGO_TARGET_DIR/release/examples/policy_writer_bench [--backends nft,legacy] [--edits 20]
 //!       [--filler 100000] [--out PATH]`
+//! With `WARREN_BENCH_DUMP=DIR`, each size's filter table and ipsets after the cold sync are
+//! saved to `DIR/<backend>-<pods>-<policies>.{filter,ipset}`, to replay or time by hand.
 
 #[path = "../policy/examples/common/mod.rs"]
 mod cluster;
@@ -384,6 +386,20 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     let cold_apply = t.elapsed();
     let cold_breakdown = with_in_process(w.runner().take(), cold_apply);
     ensure!(!rep.changed.is_empty(), "the cold sync wrote nothing");
+    if let Some(dir) = std::env::var_os("WARREN_BENCH_DUMP") {
+        let dir = PathBuf::from(dir);
+        let save = |cmd: &str, args: &[&str], file: String| -> Result<()> {
+            let out = Command::new(cmd).args(args).output()?;
+            std::fs::write(dir.join(file), out.stdout)?;
+            Ok(())
+        };
+        save(
+            w.backend().save,
+            &["-t", "filter"],
+            format!("{backend_name}-{pods}-{pols}.filter"),
+        )?;
+        save("ipset", &["save"], format!("{backend_name}-{pods}-{pols}.ipset"))?;
+    }
     let (warren_rules, filter_rules, ipsets, members) = kernel_counts(&w)?;
     let expected_rules: usize = desired.chains.values().map(|c| c.len()).sum::<usize>() + desired.hooks.len();
     ensure!(
