@@ -4,6 +4,7 @@
 
 pub mod block;
 pub mod cniconf;
+pub mod conntrack;
 pub mod health;
 pub mod k8s;
 pub mod metrics;

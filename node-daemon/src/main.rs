@@ -264,6 +264,7 @@ async fn run(args: RunArgs) -> Result<()> {
         k8s::keep_all,
     );
     let mut tracker = PolicyTracker::default();
+    let mut janitor = node_daemon::conntrack::ConntrackJanitor::default();
     let mut compiler = policy::compile::Compiler::new();
     let mut model_cache = policy_sync::ModelCache::default();
     tracing::info!(nodeport_policy = %cfg.nodeport_policy, "NodePort policy behaviour");
@@ -394,6 +395,19 @@ async fn run(args: RunArgs) -> Result<()> {
                     metrics.policy_synced.store(true, std::sync::atomic::Ordering::Relaxed);
                     for (ns, pod, secs) in tracker.applied(b, &metrics) {
                         tracing::info!(namespace = %ns, pod = %pod, since_created_s = secs, "pod programmed");
+                    }
+                    // After the apply, so that a departed pod's flows meet the new rules.
+                    for ip in janitor.released(b.addresses.clone()) {
+                        match node_daemon::conntrack::flush(rec.writer.runner(), ip) {
+                            Ok(()) => {
+                                Metrics::inc(&metrics.conntrack_flushes);
+                                tracing::info!(%ip, "conntrack entries of a departed pod's address deleted");
+                            }
+                            Err(e) => {
+                                Metrics::inc(&metrics.conntrack_flush_errors);
+                                tracing::warn!(%ip, error = %e, "could not delete the conntrack entries of a departed pod's address");
+                            }
+                        }
                     }
                     if !o.dataplane_changed.is_empty() {
                         tracing::info!(

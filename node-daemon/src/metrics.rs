@@ -36,6 +36,9 @@ pub struct Metrics {
     pub pod_programmed_micros_total: AtomicU64,
     pub pod_programmed_micros_last: AtomicU64,
     pub pod_seen_to_programmed_micros_last: AtomicU64,
+    /// Local addresses whose conntrack entries were deleted after their pod went away.
+    pub conntrack_flushes: AtomicU64,
+    pub conntrack_flush_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -103,6 +106,18 @@ impl Metrics {
             "counter",
             "Kernel objects found changed by someone else and repaired.",
             g(&self.drift_repairs).to_string(),
+        );
+        metric(
+            "warren_conntrack_flushes_total",
+            "counter",
+            "Addresses of departed local pods whose conntrack entries were deleted.",
+            g(&self.conntrack_flushes).to_string(),
+        );
+        metric(
+            "warren_conntrack_flush_errors_total",
+            "counter",
+            "Failed conntrack deletions (retried at the next address release only).",
+            g(&self.conntrack_flush_errors).to_string(),
         );
         metric(
             "warren_api_errors_total",

@@ -33,6 +33,8 @@ pub struct PolicyBuild {
     pub stats: Stats,
     /// Local workloads in `dataplane`: (namespace, pod) → creationTimestamp, if the API gave one.
     pub workloads: BTreeMap<(String, String), Option<SystemTime>>,
+    /// Local workloads' addresses → (namespace, pod), for forgetting a departed pod's flows.
+    pub addresses: BTreeMap<std::net::Ipv4Addr, crate::conntrack::Owner>,
     pub compile_time: Duration,
     /// Compiled with the NodePort check (preserve-source).
     pub nodeport: bool,
@@ -477,6 +479,11 @@ impl<P: PolicyPod> ModelCache<P> {
                 ((w.namespace.clone(), w.pod.clone()), ts)
             })
             .collect();
+        let addresses = ctx
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.ip?, (w.namespace.clone(), w.pod.clone()))))
+            .collect();
         let mut errors: Vec<PolicyError> = self.errors().cloned().collect();
         errors.extend(compiled.errors);
         Ok(PolicyBuild {
@@ -484,6 +491,7 @@ impl<P: PolicyPod> ModelCache<P> {
             errors,
             stats: compiled.stats,
             workloads,
+            addresses,
             compile_time,
             nodeport: with_nodeport,
         })

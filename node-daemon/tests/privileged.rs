@@ -518,3 +518,66 @@ fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
     }
     assert!(!ipset_state(&by_netlink).contains(&"add warren-i 10.7.7.7".to_string()));
 }
+
+/// A departed pod's address: every conntrack entry that names it (its own connections, those to
+/// it, and one DNAT'd to it through a Service address) is deleted; a neighbour's stay.
+#[test]
+fn should_forget_the_flows_of_a_departed_pods_address() {
+    let ns = Netns::new("ct");
+    let insert = |args: &[&str]| {
+        let mut all = vec!["conntrack", "-I", "-p", "tcp", "--state", "ESTABLISHED", "-t", "600"];
+        all.extend_from_slice(args);
+        assert!(ns.exec_ok(&all), "conntrack -I {args:?}");
+    };
+    let gone = "10.233.90.2";
+    let stays = "10.233.90.3";
+    // From the departed pod; to it; to a Service address DNAT'd to it; the neighbour's own.
+    insert(&["-s", gone, "-d", "10.233.96.2", "--sport", "40000", "--dport", "80"]);
+    insert(&["-s", "10.233.96.2", "-d", gone, "--sport", "40001", "--dport", "8080"]);
+    insert(&[
+        "-s",
+        "10.233.96.9",
+        "-d",
+        "10.96.0.10",
+        "-r",
+        gone,
+        "-q",
+        "10.233.96.9",
+        "--sport",
+        "40002",
+        "--dport",
+        "80",
+        "--reply-port-src",
+        "8080",
+        "--reply-port-dst",
+        "40002",
+    ]);
+    insert(&["-s", stays, "-d", "10.233.96.2", "--sport", "40003", "--dport", "80"]);
+    let listed = || ns.exec(&["conntrack", "-L"]);
+    assert_eq!(listed().lines().count(), 4, "{}", listed());
+
+    let runner = ExecRunner::in_netns(ns.0.clone());
+    let mut janitor = node_daemon::conntrack::ConntrackJanitor::default();
+    let owner = |pod: &str| ("shop".to_string(), pod.to_string());
+    let both = std::collections::BTreeMap::from([
+        (gone.parse().unwrap(), owner("web")),
+        (stays.parse().unwrap(), owner("api")),
+    ]);
+    assert!(janitor.released(both).is_empty());
+    let released = janitor.released(std::collections::BTreeMap::from([(
+        stays.parse().unwrap(),
+        owner("api"),
+    )]));
+    assert_eq!(released, vec![gone.parse::<std::net::Ipv4Addr>().unwrap()]);
+    for ip in released {
+        node_daemon::conntrack::flush(&runner, ip).expect("flush");
+    }
+    let left = listed();
+    assert_eq!(left.lines().count(), 1, "{left}");
+    assert!(
+        left.contains(&format!("src={stays} ")) && !left.contains(gone),
+        "{left}"
+    );
+    // Nothing left to delete is not an error.
+    node_daemon::conntrack::flush(&runner, gone.parse().unwrap()).expect("second flush");
+}
