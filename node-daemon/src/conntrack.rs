@@ -24,14 +24,18 @@ pub struct ConntrackJanitor {
 impl ConntrackJanitor {
     /// The addresses whose owner went away or changed since the last call; remembers `now`.
     /// The first call returns nothing: a restarted daemon does not know who held what.
-    pub fn released(&mut self, now: BTreeMap<Ipv4Addr, Owner>) -> Vec<Ipv4Addr> {
+    /// Called every pass: copies nothing when nothing changed.
+    pub fn released(&mut self, now: &BTreeMap<Ipv4Addr, Owner>) -> Vec<Ipv4Addr> {
+        if self.known == *now {
+            return vec![];
+        }
         let gone = self
             .known
             .iter()
             .filter(|(ip, owner)| now.get(ip) != Some(owner))
             .map(|(ip, _)| *ip)
             .collect();
-        self.known = now;
+        self.known = now.clone();
         gone
     }
 }
@@ -73,15 +77,12 @@ mod tests {
     fn should_release_addresses_whose_pod_left_or_changed() {
         let mut j = ConntrackJanitor::default();
         let first = BTreeMap::from([(ip(2), owner("web")), (ip(3), owner("api"))]);
-        assert!(
-            j.released(first.clone()).is_empty(),
-            "nothing known before the first pass"
-        );
-        assert!(j.released(first).is_empty(), "unchanged");
+        assert!(j.released(&first).is_empty(), "nothing known before the first pass");
+        assert!(j.released(&first).is_empty(), "unchanged");
         // web is gone; api's address now belongs to db (reused); a new pod appears.
         let next = BTreeMap::from([(ip(3), owner("db")), (ip(4), owner("new"))]);
-        assert_eq!(j.released(next.clone()), vec![ip(2), ip(3)]);
-        assert!(j.released(next).is_empty());
+        assert_eq!(j.released(&next), vec![ip(2), ip(3)]);
+        assert!(j.released(&next).is_empty());
     }
 
     #[test]

@@ -397,7 +397,7 @@ async fn run(args: RunArgs) -> Result<()> {
                         tracing::info!(namespace = %ns, pod = %pod, since_created_s = secs, "pod programmed");
                     }
                     // After the apply, so that a departed pod's flows meet the new rules.
-                    for ip in janitor.released(b.addresses.clone()) {
+                    for ip in janitor.released(&b.addresses) {
                         match node_daemon::conntrack::flush(rec.writer.runner(), ip) {
                             Ok(()) => {
                                 Metrics::inc(&metrics.conntrack_flushes);

@@ -116,7 +116,7 @@ impl Metrics {
         metric(
             "warren_conntrack_flush_errors_total",
             "counter",
-            "Failed conntrack deletions (retried at the next address release only).",
+            "Departed pods' addresses whose conntrack entries could not be deleted (not tried again).",
             g(&self.conntrack_flush_errors).to_string(),
         );
         metric(

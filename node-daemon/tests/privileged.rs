@@ -563,8 +563,8 @@ fn should_forget_the_flows_of_a_departed_pods_address() {
         (gone.parse().unwrap(), owner("web")),
         (stays.parse().unwrap(), owner("api")),
     ]);
-    assert!(janitor.released(both).is_empty());
-    let released = janitor.released(std::collections::BTreeMap::from([(
+    assert!(janitor.released(&both).is_empty());
+    let released = janitor.released(&std::collections::BTreeMap::from([(
         stays.parse().unwrap(),
         owner("api"),
     )]));
