@@ -478,6 +478,8 @@ fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
     first += "add warren-t 1.1.1.1\nswap warren-t warren-i\ndestroy warren-t\n";
     first += &create("warren-r", "hash:ip");
     first += "add warren-r 3.3.3.3\nrename warren-r warren-r2\n";
+    // A list:set of sets, as a rule with several peers matches.
+    first += "create warren-l list:set size 8\nadd warren-l warren-n\nadd warren-l warren-i\n";
     // More members than one message carries.
     for k in 0..600 {
         first += &format!("add warren-i 10.50.{}.{}\n", k / 200, k % 200);
@@ -487,13 +489,18 @@ fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
     let mut second = create("warren-n", "hash:net");
     second += "add warren-n 10.0.0.0/8\ndel warren-n 10.2.3.4\ndel warren-i 9.9.9.9\ndel warren-i 1.1.1.1\n";
     second += "add warren-w 10.0.0.10,calib0000000000\nflush warren-p\n";
+    // The list:set is looked up in the kernel: a member again, one gone, one never there.
+    second += "add warren-l warren-i\ndel warren-l warren-n\ndel warren-l warren-p\n";
 
     let by_netlink = Netns::new("nl");
     let by_binary = Netns::new("bin");
     let nl = ExecRunner::in_netns(&by_netlink.0);
     let bin = ExecRunner::in_netns(&by_binary.0);
-    use node_daemon::writer::CommandRunner;
+    use node_daemon::writer::{ipset_nl, CommandRunner};
     for text in [&first, &second] {
+        // Understood, so netlink does it rather than the binary it would fall back to.
+        let mut sock = ipset_nl::IpsetSocket::open(Some(&by_netlink.0)).unwrap();
+        ipset_nl::parse(text, &mut |name| sock.kind_of(name)).unwrap();
         nl.run("ipset", &["restore", "-exist"], Some(text)).unwrap();
         bin.run("sh", &["-c", "ipset restore -exist"], Some(text)).unwrap();
         assert_eq!(ipset_state(&by_netlink), ipset_state(&by_binary));
@@ -501,6 +508,12 @@ fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
     let state = ipset_state(&by_netlink);
     assert!(
         state.contains(&"add warren-w 10.0.0.9,calia1b2c3d4e5f".to_string()),
+        "{state:#?}"
+    );
+    assert!(
+        state.contains(&"create warren-l list:set size 8".to_string())
+            && state.contains(&"add warren-l warren-i".to_string())
+            && !state.contains(&"add warren-l warren-n".to_string()),
         "{state:#?}"
     );
     assert_eq!(state.iter().filter(|l| l.starts_with("add warren-i ")).count(), 600);
@@ -517,6 +530,31 @@ fn should_restore_ipsets_over_netlink_exactly_as_the_ipset_binary_does() {
         assert!(e.to_string().contains(why), "{text:?}: {e}");
     }
     assert!(!ipset_state(&by_netlink).contains(&"add warren-i 10.7.7.7".to_string()));
+
+    // A list:set's refusals read as the binary's: a member that is no set, and destroying a
+    // member the list still holds; destroying the list first frees its members.
+    for (text, ok) in [
+        ("add warren-l warren-gone\n", false),
+        ("destroy warren-i\n", false),
+        ("destroy warren-l\ndestroy warren-i\n", true),
+    ] {
+        let by_nl = nl.run("ipset", &["restore", "-exist"], Some(text));
+        let by_bin = bin.run("sh", &["-c", "ipset restore -exist"], Some(text));
+        assert_eq!(by_nl.is_ok(), ok, "{text:?}: {by_nl:?}");
+        assert_eq!(by_bin.is_ok(), ok, "{text:?}: {by_bin:?}");
+        if let (Err(nl_err), Err(bin_err)) = (&by_nl, &by_bin) {
+            assert!(nl_err.to_string().contains("(netlink)"), "{text:?}: {nl_err}");
+            let bin_err = bin_err.to_string();
+            let why = bin_err.split("Error in line ").nth(1).unwrap();
+            assert!(nl_err.to_string().contains(why), "{text:?}: {nl_err} vs {bin_err}");
+        }
+        assert_eq!(ipset_state(&by_netlink), ipset_state(&by_binary), "after {text:?}");
+    }
+    let state = ipset_state(&by_netlink);
+    assert!(
+        !state.iter().any(|l| l.contains("warren-l") || l.contains("warren-i ")),
+        "{state:#?}"
+    );
 }
 
 /// A departed pod's address: every conntrack entry that names it (its own connections, those to
