@@ -90,11 +90,28 @@ fn desired() -> DesiredDataplane {
             .into(),
         }),
     );
+    // A list:set (what a policy rule with many peers matches) holds sets named before and
+    // after it: the writer creates it after its members and destroys it before them.
+    d.ipsets.insert(
+        "warren-extra-z".into(),
+        std::sync::Arc::new(IpSetSpec {
+            kind: "hash:ip".into(),
+            members: ["10.8.8.8".to_string()].into(),
+        }),
+    );
+    d.ipsets.insert(
+        "warren-extra-l".into(),
+        std::sync::Arc::new(IpSetSpec {
+            kind: "list:set".into(),
+            members: ["warren-extra".to_string(), "warren-extra-z".to_string()].into(),
+        }),
+    );
     d.chains.insert(
         (Table::Filter, "WARREN-FORWARD".into()),
         std::sync::Arc::new(vec![
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
             "-m set --match-set warren-extra dst -p tcp --dport 80 -m comment --comment \"allow web\" -j ACCEPT".into(),
+            "-m set --match-set warren-extra-l dst -p tcp --dport 443 -j ACCEPT".into(),
         ]),
     );
     d.hooks.insert(Hook {
@@ -119,7 +136,12 @@ fn writer_scenario(backend: Backend) {
     let mut w = Writer::new(ExecRunner::in_netns(&ns.0), backend);
 
     let r = w.apply(&desired(), false).unwrap();
-    assert_eq!(r.changed.len(), 9, "{:?}", r.changed);
+    assert_eq!(r.changed.len(), 11, "{:?}", r.changed);
+    let list = ns.exec(&["ipset", "list", "warren-extra-l"]);
+    assert!(
+        list.contains("warren-extra\n") && list.contains("warren-extra-z"),
+        "{list}"
+    );
     let filter = ns.exec(&[save, "-t", "filter"]);
     assert!(filter.contains(":WARREN-INPUT - "), "{filter}");
     let input: Vec<&str> = filter.lines().filter(|l| l.starts_with("-A INPUT")).collect();
@@ -140,15 +162,14 @@ fn writer_scenario(backend: Backend) {
     assert_eq!(r.drifted, vec!["chain filter/WARREN-INPUT".to_string()]);
     assert_eq!(ns.exec(&[save, "-t", "filter"]).matches("-A WARREN-INPUT").count(), 2);
 
-    // A deleted (unreferenced) set is recreated with its members.
+    // Deleted (unreferenced) sets are recreated with their members, the list after its members.
     ns.exec(&[ipt, "-F", "WARREN-FORWARD"]);
-    ns.exec(&["ipset", "destroy", "warren-extra"]);
+    assert!(ns.exec_ok(&["ipset", "destroy", "warren-extra-l"]));
+    assert!(ns.exec_ok(&["ipset", "destroy", "warren-extra"]));
     let r = w.apply(&desired(), true).unwrap();
-    assert!(
-        r.drifted.contains(&"ipset warren-extra created".to_string()),
-        "{:?}",
-        r.drifted
-    );
+    for set in ["warren-extra", "warren-extra-l"] {
+        assert!(r.drifted.contains(&format!("ipset {set} created")), "{:?}", r.drifted);
+    }
     let members = ns.exec(&["ipset", "list", "warren-extra"]);
     assert!(
         members.contains("10.1.2.0/24 nomatch") && members.contains("10.9.9.9"),
@@ -221,10 +242,11 @@ fn should_write_make_before_break_and_tidy_with_iptables_nft() {
             .collect()
     };
     let old = forward(&ns);
-    assert_eq!(old.len(), 2);
+    assert_eq!(old.len(), 3);
 
     let mut next = desired();
     next.ipsets.remove("warren-extra");
+    next.ipsets.remove("warren-extra-l");
     next.chains.insert(
         (Table::Filter, "WARREN-FORWARD".into()),
         std::sync::Arc::new(vec![
@@ -236,7 +258,7 @@ fn should_write_make_before_break_and_tidy_with_iptables_nft() {
     let r = w.apply(&next, true).unwrap();
     assert_eq!(r.changed, vec!["chain filter/WARREN-FORWARD".to_string()]);
     let now = forward(&ns);
-    assert_eq!(now.len(), 3 + 1 + 2, "{now:#?}");
+    assert_eq!(now.len(), 3 + 1 + 3, "{now:#?}");
     assert!(
         now[1].ends_with("--dport 443 -j ACCEPT") && now[2].ends_with("-j DROP"),
         "{now:#?}"
@@ -244,10 +266,13 @@ fn should_write_make_before_break_and_tidy_with_iptables_nft() {
     assert!(now[3].ends_with("-j RETURN"), "{now:#?}");
     assert_eq!(now[4..], old[..], "the old body, unreachable, until tidy");
     assert!(ns.exec_ok(&["ipset", "list", "-n", "warren-extra"]), "still referenced");
-    assert_eq!(w.untidy(), 2);
+    assert_eq!(w.untidy(), 3);
 
     let r = w.tidy().unwrap();
-    assert!(r.changed.contains(&"ipset warren-extra removed".to_string()), "{r:?}");
+    // The list and its member were both stale: the list went first, or the member could not.
+    for set in ["warren-extra", "warren-extra-l"] {
+        assert!(r.changed.contains(&format!("ipset {set} removed")), "{r:?}");
+    }
     let now = forward(&ns);
     assert_eq!(now.len(), 3, "{now:#?}");
     assert!(!ns.exec_ok(&["ipset", "list", "-n", "warren-extra"]));

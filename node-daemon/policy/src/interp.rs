@@ -128,6 +128,10 @@ enum SetIndex {
     IpPort(std::collections::HashSet<(Ipv4Addr, u8, u16)>),
     /// `hash:net,iface`: (network, interface name).
     NetIface(Vec<(Ipv4Net, String)>),
+    /// `list:set`: the member sets' names; a packet is in it when it is in any of them, each
+    /// tested with the same direction flags (a `nomatch` answer of one member is "not in that
+    /// member", and the next one is asked).
+    List(Vec<String>),
 }
 
 impl SetIndex {
@@ -158,6 +162,8 @@ impl SetIndex {
                 };
                 iface.is_some_and(|i| entries.iter().any(|(n, e)| n.contains(&ip) && e == i))
             }
+            // Resolved by the interpreter, which holds the member sets.
+            SetIndex::List(_) => false,
         }
     }
 }
@@ -258,9 +264,22 @@ impl Interpreter {
                     }
                     SetIndex::NetIface(v)
                 }
+                "list:set" => SetIndex::List(spec.members.iter().cloned().collect()),
                 other => return Err(InterpError::BadSetType(name.clone(), other.to_string())),
             };
             sets.insert(name.clone(), idx);
+        }
+        // As the kernel: a list:set's members exist and are not lists themselves.
+        for (name, idx) in &sets {
+            if let SetIndex::List(members) = idx {
+                for m in members {
+                    match sets.get(m) {
+                        None => return Err(InterpError::MissingSet(m.clone())),
+                        Some(SetIndex::List(_)) => return Err(InterpError::BadMember(name.clone(), m.clone())),
+                        Some(_) => {}
+                    }
+                }
+            }
         }
         let me = Interpreter { chains, hooks, sets };
         for (name, rules) in me.chains.iter().chain(me.hooks.iter()) {
@@ -384,7 +403,13 @@ impl Interpreter {
             Match::DPort { lo, hi } => pkt.dport.is_some_and(|d| (*lo..=*hi).contains(&d)),
             Match::IcmpType { ty, code } => pkt.proto == 1 && pkt.icmp == Some((*ty, *code)),
             Match::Set { name, dir, negate } => {
-                let hit = self.sets.get(name).is_some_and(|s| s.contains(pkt, *dir));
+                let hit = match self.sets.get(name) {
+                    Some(SetIndex::List(members)) => members
+                        .iter()
+                        .any(|m| self.sets.get(m).is_some_and(|s| s.contains(pkt, *dir))),
+                    Some(s) => s.contains(pkt, *dir),
+                    None => false,
+                };
                 hit != *negate
             }
             Match::Mark { value, mask, negate } => ((mark & mask) == *value) != *negate,

@@ -101,8 +101,8 @@ spec:
   - ports: [{port: http}, {protocol: SCTP, port: 7000, endPort: 7010}]
   egress:
   - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]
-  - to: [{podSelector: {matchLabels: {app: api}}}]
-    ports: [{port: http}]
+  - to: [{podSelector: {matchLabels: {app: api}}}, {ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}, {ipBlock: {cidr: 172.16.0.0/12}}]
+    ports: [{port: http}, {port: 8443}]
 ",
         );
     check(
@@ -110,7 +110,9 @@ spec:
         "Input: node node1, veth prefix cali; namespace a; pods a/web (app=web, 10.233.90.2, node1,
          containerPort http=TCP/8080) and a/api (app=api, 10.233.96.2, node2, http=TCP/9090);
          policy a/web: ingress on named port http and SCTP 7000-7010 from anywhere; egress to
-         0.0.0.0/0 except 10.0.0.0/8, and to app=api pods on named port http.",
+         0.0.0.0/0 except 10.0.0.0/8, and to app=api pods, 192.168.0.0/16 except
+         192.168.1.0/24 or 172.16.0.0/12 (three peers: one list:set) on named port http and
+         on 8443.",
         &c,
         "node1",
     );

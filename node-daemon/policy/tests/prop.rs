@@ -118,7 +118,7 @@ fn port() -> impl Strategy<Value = PortMatch> {
 
 fn rule() -> impl Strategy<Value = Rule> {
     (
-        proptest::collection::vec(peer(), 0..3),
+        proptest::collection::vec(peer(), 0..4),
         proptest::collection::vec(port(), 0..3),
     )
         .prop_map(|(peers, ports)| Rule { peers, ports })

@@ -227,9 +227,13 @@ impl FakeKernel {
         let st = lock(&self.state);
         let mut out = String::new();
         for (name, (kind, members)) in &st.sets {
-            out.push_str(&format!(
-                "create {name} {kind} family inet hashsize 1024 maxelem 65536\n"
-            ));
+            if kind == super::ipset::LIST_SET {
+                out.push_str(&format!("create {name} {kind} size 8\n"));
+            } else {
+                out.push_str(&format!(
+                    "create {name} {kind} family inet hashsize 1024 maxelem 65536\n"
+                ));
+            }
             for m in members {
                 out.push_str(&format!("add {name} {m}\n"));
             }
@@ -254,12 +258,18 @@ impl FakeKernel {
                     }
                 }
                 ["add", name, member @ ..] => {
-                    let set = st
+                    let kind = st
                         .sets
-                        .get_mut(*name)
+                        .get(*name)
+                        .map(|s| s.0.clone())
                         .ok_or_else(|| err("The set with the given name does not exist"))?;
-                    let m = super::ipset::normalize_member(&set.0, &member.join(" "));
-                    set.1.insert(m);
+                    let m = super::ipset::normalize_member(&kind, &member.join(" "));
+                    if kind == super::ipset::LIST_SET && !st.sets.contains_key(&m) {
+                        return Err(err("Set to be added/deleted/tested as element does not exist."));
+                    }
+                    if let Some(set) = st.sets.get_mut(*name) {
+                        set.1.insert(m);
+                    }
                 }
                 ["del", name, member @ ..] => {
                     let set = st
@@ -274,7 +284,11 @@ impl FakeKernel {
                         .tables
                         .values()
                         .flat_map(|t| t.values())
-                        .any(|(_, rules)| rules.iter().any(|r| word_after(r, "--match-set") == Some(name)));
+                        .any(|(_, rules)| rules.iter().any(|r| word_after(r, "--match-set") == Some(name)))
+                        || st
+                            .sets
+                            .values()
+                            .any(|(kind, members)| kind == super::ipset::LIST_SET && members.contains(*name));
                     if used {
                         return Err(err("Set cannot be destroyed: it is in use by a kernel component"));
                     }

@@ -71,8 +71,34 @@ pub fn temp_name(name: &str) -> String {
     format!("{IPSET_PREFIX}t-{}", &h[..16])
 }
 
-fn create_line(name: &str, kind: &str) -> String {
-    format!("create {name} {kind} family inet hashsize 1024 maxelem 1048576\n")
+/// A `list:set` holds other sets: created after them, destroyed before them (the kernel refuses
+/// to destroy a set a list still holds).
+pub const LIST_SET: &str = "list:set";
+
+/// The smallest `size` the `ipset` binary gives a list:set.
+const LIST_MIN_SIZE: usize = 8;
+
+fn create_line(name: &str, spec: &IpSetSpec) -> String {
+    if spec.kind == LIST_SET {
+        // A list cannot grow past its size; warren's lists are named after their members, so
+        // the members it is created with are all it will ever hold.
+        let size = spec.members.len().max(LIST_MIN_SIZE);
+        return format!("create {name} {LIST_SET} size {size}\n");
+    }
+    format!(
+        "create {name} {} family inet hashsize 1024 maxelem 1048576\n",
+        spec.kind
+    )
+}
+
+/// `destroy` lines for `sets` (name, type), lists first.
+pub fn destroy_lines<'a>(sets: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let (lists, others): (Vec<_>, Vec<_>) = sets.partition(|(_, kind)| *kind == LIST_SET);
+    lists
+        .into_iter()
+        .chain(others)
+        .map(|(name, _)| format!("destroy {name}\n"))
+        .collect()
 }
 
 /// The ipset side of one apply.
@@ -91,12 +117,18 @@ pub fn plan_sets<D: Borrow<IpSetSpec>, A: Borrow<IpSetSpec>>(
     sweep: bool,
 ) -> SetPlan {
     let mut p = SetPlan::default();
-    for (name, spec) in desired {
+    // Lists last: their members must exist when they are filled.
+    let is_list = |s: &D| Borrow::<IpSetSpec>::borrow(s).kind == LIST_SET;
+    let ordered = desired
+        .iter()
+        .filter(|(_, s)| !is_list(s))
+        .chain(desired.iter().filter(|(_, s)| is_list(s)));
+    for (name, spec) in ordered {
         let spec: &IpSetSpec = spec.borrow();
         let want = normalized(spec);
         match actual.get(name).map(Borrow::borrow) {
             None => {
-                p.before.push_str(&create_line(name, &spec.kind));
+                p.before.push_str(&create_line(name, spec));
                 for m in &want {
                     p.before.push_str(&format!("add {name} {m}\n"));
                 }
@@ -108,7 +140,7 @@ pub fn plan_sets<D: Borrow<IpSetSpec>, A: Borrow<IpSetSpec>>(
                 // which the restore error then reports.
                 let tmp = temp_name(name);
                 p.before.push_str(&format!("destroy {name}\n"));
-                p.before.push_str(&create_line(&tmp, &spec.kind));
+                p.before.push_str(&create_line(&tmp, spec));
                 for m in &want {
                     p.before.push_str(&format!("add {tmp} {m}\n"));
                 }
@@ -133,11 +165,14 @@ pub fn plan_sets<D: Borrow<IpSetSpec>, A: Borrow<IpSetSpec>>(
         }
     }
     if sweep {
-        for name in actual.keys() {
-            if !desired.contains_key(name) {
-                p.after.push_str(&format!("destroy {name}\n"));
-                p.changed.push(format!("ipset {name} removed"));
-            }
+        let stale: Vec<(&str, &str)> = actual
+            .iter()
+            .filter(|(name, _)| !desired.contains_key(*name))
+            .map(|(name, spec)| (name.as_str(), Borrow::<IpSetSpec>::borrow(spec).kind.as_str()))
+            .collect();
+        p.after = destroy_lines(stale.iter().copied());
+        for (name, _) in stale {
+            p.changed.push(format!("ipset {name} removed"));
         }
     }
     p
@@ -199,6 +234,36 @@ mod tests {
         let p = plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, true);
         assert_eq!(p.before, "");
         assert_eq!(p.after, "destroy warren-old\n");
+    }
+
+    #[test]
+    fn should_create_a_list_after_its_members_and_destroy_it_before_them() {
+        let mut desired = BTreeMap::new();
+        // Names that sort the list first, so that only the planner's order can save it.
+        desired.insert("warren-a-list".to_string(), spec(LIST_SET, &["warren-m1", "warren-m2"]));
+        desired.insert("warren-m1".to_string(), spec("hash:net", &["10.0.0.0/8"]));
+        desired.insert("warren-m2".to_string(), spec("hash:net", &["10.1.0.0/16"]));
+        let p = plan_sets(&desired, &BTreeMap::<String, IpSetSpec>::new(), true);
+        let at = |line: &str| {
+            p.before
+                .find(line)
+                .unwrap_or_else(|| panic!("{line:?} in {}", p.before))
+        };
+        assert!(at("create warren-a-list list:set size 8\n") > at("create warren-m2 "));
+        assert!(at("add warren-a-list warren-m1\n") > at("create warren-a-list"));
+
+        let actual = parse_save(&p.before);
+        assert_eq!(actual["warren-a-list"].members.len(), 2);
+        assert_eq!(plan_sets(&desired, &actual, true), SetPlan::default());
+        let gone = plan_sets(&BTreeMap::<String, IpSetSpec>::new(), &actual, true);
+        assert_eq!(
+            gone.after,
+            "destroy warren-a-list\ndestroy warren-m1\ndestroy warren-m2\n"
+        );
+        // A list holding more sets than the binary's default size is created large enough.
+        let many: Vec<String> = (0..11).map(|i| format!("warren-m{i}")).collect();
+        let big = spec(LIST_SET, &many.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(create_line("warren-l", &big), "create warren-l list:set size 11\n");
     }
 
     #[test]

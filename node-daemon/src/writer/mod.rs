@@ -326,9 +326,13 @@ impl<C: CommandRunner> Writer<C> {
         }
         // Sets go only once no rule, dead or not, can reference them.
         if errors.is_empty() {
-            let mut text = String::new();
+            let text = ipset::destroy_lines(
+                self.untidy
+                    .stale_sets
+                    .iter()
+                    .map(|(name, spec)| (name.as_str(), spec.kind.as_str())),
+            );
             for name in self.untidy.stale_sets.keys() {
-                text.push_str(&format!("destroy {name}\n"));
                 report.changed.push(format!("ipset {name} removed"));
             }
             self.ipset_restore(&text, &mut errors);

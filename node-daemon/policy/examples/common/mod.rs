@@ -169,10 +169,13 @@ pub fn edit_policy(m: &mut Model, i: usize) -> &'static str {
             "ipBlock added"
         }
         _ => {
-            rule.peers.push(Peer::pods(Selector::labels([(
-                "app",
-                format!("app{}", i % 40).as_str(),
-            )])));
+            // Peers are a set: a selector the rule already has would change nothing.
+            let peer = (0..)
+                .map(|k| Peer::pods(Selector::labels([("app", format!("app{}", (i + k) % 40).as_str())])))
+                .take(41)
+                .find(|p| !rule.peers.contains(p))
+                .unwrap_or_else(|| Peer::pods(Selector::labels([("edit", format!("{i}").as_str())])));
+            rule.peers.push(peer);
             "pod selector added"
         }
     }
