@@ -295,7 +295,7 @@ where
         let mut relabelled = old
             .convert()
             .with_context(|| format!("{ns}/{name} takes part in policy"))?;
-        relabelled.labels.insert("app".into(), format!("app{}", (i + n) % 40));
+        std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), format!("app{}", (i + n) % 40));
         // Its next version as a watch event brings it: read from the API's JSON.
         let pod: P = from_json(k8s_pod(&relabelled, n, &next_rv()));
         pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
@@ -364,7 +364,7 @@ fn edited_policy(store: &Store<NetworkPolicy>, ns: &str, name: &str, i: usize, r
         .get(&ObjectRef::new(name).within(ns))
         .with_context(|| format!("policy {ns}/{name} in the store"))?;
     let mut m = policy::model::Model {
-        policies: vec![policy::convert::convert_policy(&stored)?],
+        policies: vec![policy::convert::convert_policy(&stored)?.into()],
         ..Default::default()
     };
     // With one policy, `edit_policy` edits that one as it would edit it in the whole cluster.

@@ -417,7 +417,7 @@ impl<P: PolicyPod> ModelCache<P> {
                 let converted = match convert::convert_policy(q) {
                     Ok(c) => {
                         errors.remove(&id);
-                        Some(c)
+                        Some(std::sync::Arc::new(c))
                     }
                     Err(e) => {
                         errors.insert(id.clone(), e);

@@ -520,8 +520,8 @@ impl<T> Slab<T> {
 /// of one workload usually do): the compiler keeps no copy of the model's pods.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PodShape {
-    labels: Labels,
-    ports: Vec<NamedPort>,
+    labels: Arc<Labels>,
+    ports: Arc<[NamedPort]>,
 }
 
 /// What the compiler reads of a pod besides its identity (`node` it does not read).
@@ -529,6 +529,9 @@ struct PodShape {
 struct PodState {
     shape: Arc<PodShape>,
     ip: Option<Ipv4Addr>,
+    /// The model's own allocations of the pod's labels and ports when last seen: the same
+    /// pointer next pass means nothing changed, without comparing them.
+    seen: (Arc<Labels>, Arc<[NamedPort]>),
 }
 
 #[derive(Debug)]
@@ -566,7 +569,7 @@ struct NsEntry {
 #[derive(Debug)]
 struct PolEntry {
     id: PolicyRef,
-    policy: Policy,
+    policy: Arc<Policy>,
     valid: Result<(), PolicyError>,
     /// False once the policy left the model; freed at the end of that pass.
     alive: bool,
@@ -850,7 +853,7 @@ impl Compiler {
                     let ns = self.ns_id(&p.namespace);
                     let id = self.pols.insert(PolEntry {
                         id: p.id(),
-                        policy: p.clone(),
+                        policy: Arc::clone(p),
                         valid: p.validate(),
                         alive: true,
                         seen: 0,
@@ -873,10 +876,13 @@ impl Compiler {
                 continue;
             }
             e.seen = pass;
-            if known.is_some() && e.policy != *p {
-                e.policy = p.clone();
-                e.valid = p.validate();
-                changed.push(id);
+            if known.is_some() && !Arc::ptr_eq(&e.policy, p) {
+                if *e.policy != **p {
+                    e.valid = p.validate();
+                    changed.push(id);
+                }
+                // Equal but reallocated: compared by pointer from now on.
+                e.policy = Arc::clone(p);
             }
             if let Err(err) = &e.valid {
                 errors.push(err.clone());
@@ -910,14 +916,20 @@ impl Compiler {
             let s = match known {
                 Some(s) => {
                     let Some(slot) = self.pods.get_mut(s) else { continue };
-                    let same = slot.state.ip == p.ip
-                        && slot.state.shape.labels == p.labels
-                        && slot.state.shape.ports == p.ports;
+                    let (labels, ports) = &slot.state.seen;
+                    let same_labels = Arc::ptr_eq(labels, &p.labels) || *slot.state.shape.labels == *p.labels;
+                    let same_ports = Arc::ptr_eq(ports, &p.ports) || *slot.state.shape.ports == *p.ports;
+                    let same = slot.state.ip == p.ip && same_labels && same_ports;
+                    if same {
+                        // Equal but reallocated (a relist): compared by pointer from now on.
+                        slot.state.seen = (p.labels.clone(), p.ports.clone());
+                    }
                     // A pod listed twice: the later entry wins, as in a map built from the list.
                     if !same {
                         let state = PodState {
                             shape: Self::shape(&mut self.shapes, p),
                             ip: p.ip,
+                            seen: (p.labels.clone(), p.ports.clone()),
                         };
                         let Some(slot) = self.pods.get_mut(s) else { continue };
                         let old = std::mem::replace(&mut slot.state, state);
@@ -939,6 +951,7 @@ impl Compiler {
                     let state = PodState {
                         shape: Self::shape(&mut self.shapes, p),
                         ip: p.ip,
+                        seen: (p.labels.clone(), p.ports.clone()),
                     };
                     let s = self.pods.insert(PodSlot {
                         ns,

@@ -43,7 +43,7 @@ pub fn convert(namespaces: &[core::Namespace], pods: &[core::Pod], policies: &[n
     out.model.pods = pods.iter().filter_map(convert_pod).collect();
     for p in policies {
         match convert_policy(p) {
-            Ok(p) => out.model.policies.push(p),
+            Ok(p) => out.model.policies.push(p.into()),
             Err(e) => out.errors.push(e),
         }
     }
@@ -105,10 +105,10 @@ pub fn convert_pod(p: &core::Pod) -> Option<Pod> {
     Some(Pod {
         namespace: object_namespace(&p.metadata).to_string(),
         name: p.metadata.name.clone()?,
-        labels: p.metadata.labels.clone().unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default().into(),
         ip,
         node: spec.node_name.clone().unwrap_or_default(),
-        ports,
+        ports: ports.into(),
     })
 }
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
@@ -51,15 +52,18 @@ pub struct NamedPort {
     pub port: u16,
 }
 
+/// Labels and ports are shared (`Arc`): a model kept from one pass to the next holds the same
+/// allocation for a pod that did not change, and the compiler recognises it by pointer instead
+/// of comparing 10 000 pods' labels on every pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
-    pub labels: Labels,
+    pub labels: Arc<Labels>,
     /// None until the pod has an address; such a pod is in no set and matches no peer.
     pub ip: Option<Ipv4Addr>,
     pub node: String,
-    pub ports: Vec<NamedPort>,
+    pub ports: Arc<[NamedPort]>,
 }
 
 impl Pod {
@@ -351,7 +355,8 @@ pub struct PolicyError {
 pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: Vec<Pod>,
-    pub policies: Vec<Policy>,
+    /// Shared for the same reason as a pod's labels: an unchanged policy is the same allocation.
+    pub policies: Vec<Arc<Policy>>,
 }
 
 impl Model {

@@ -52,6 +52,7 @@ fn valid_policies(model: &Model) -> Vec<&Policy> {
     let mut v: Vec<&Policy> = model
         .policies
         .iter()
+        .map(|p| &**p)
         .filter(|p| seen.insert(p.id()))
         .filter(|p| p.validate().is_ok())
         .collect();

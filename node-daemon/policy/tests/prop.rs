@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use policy::compile::{Compiler, NodePortCheck};
 use policy::model::{
@@ -181,11 +182,11 @@ fn pod(i: usize) -> impl Strategy<Value = Pod> {
         move |(ns, labels, node, ports, has_ip)| Pod {
             namespace: format!("ns{ns}"),
             name: format!("pod{i}"),
-            labels,
+            labels: labels.into(),
             // 10.1.1.2 and 10.1.2.x fall inside the except blocks above.
             ip: has_ip.then(|| Ipv4Addr::new(10, 1, 1 + (i % 2) as u8, 2 + i as u8)),
             node: NODES[node].to_string(),
-            ports,
+            ports: ports.into(),
         },
     )
 }
@@ -204,7 +205,7 @@ fn model() -> impl Strategy<Value = Model> {
             })
             .collect(),
         pods,
-        policies,
+        policies: policies.into_iter().map(Arc::new).collect(),
     })
 }
 
@@ -341,7 +342,7 @@ fn without_repeats(m: &Model) -> Option<(Model, usize)> {
         pods.insert((&p.namespace, &p.name), p);
     }
     let mut seen = BTreeSet::new();
-    let policies: Vec<Policy> = m
+    let policies: Vec<Arc<Policy>> = m
         .policies
         .iter()
         .filter(|p| seen.insert((&p.namespace, &p.name)))
@@ -406,10 +407,10 @@ impl NodeState {
             let pod = Pod {
                 namespace: namespace.clone(),
                 name: name.clone(),
-                labels: BTreeMap::new(),
+                labels: BTreeMap::new().into(),
                 ip: Some(Ipv4Addr::UNSPECIFIED),
                 node: "n1".into(),
-                ports: vec![],
+                ports: vec![].into(),
             };
             let one = Model {
                 namespaces: BTreeMap::new(),
@@ -513,8 +514,8 @@ fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
             }
         }
         Edit::Policy(i, p) => match m.policies.iter_mut().find(|x| x.name == format!("p{i}")) {
-            Some(x) => *x = p,
-            None => m.policies.push(p),
+            Some(x) => *x = Arc::new(p),
+            None => m.policies.push(Arc::new(p)),
         },
         Edit::DropPolicy(i) => m.policies.retain(|x| x.name != format!("p{i}")),
         Edit::Namespace(i, labels) => {
@@ -549,10 +550,10 @@ fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
                 return;
             };
             let dup = match changed {
-                Some(p) => Policy {
+                Some(p) => Arc::new(Policy {
                     namespace: orig.namespace.clone(),
                     ..p
-                },
+                }),
                 None => orig.clone(),
             };
             let at = at % (m.policies.len() + 1);

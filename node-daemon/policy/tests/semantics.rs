@@ -458,7 +458,8 @@ spec:
 
     // Pod relabel.
     let mut r = c.clone();
-    r.model.pods.iter_mut().find(|p| p.name == "other").unwrap().labels = [("app".into(), "client".into())].into();
+    r.model.pods.iter_mut().find(|p| p.name == "other").unwrap().labels =
+        std::sync::Arc::new([("app".into(), "client".into())].into());
     assert!(r.allows("b/other", "a/web", tcp(80)));
 
     // Namespace relabel.
@@ -752,13 +753,13 @@ fn a_bad_policy_is_reported_and_the_rest_is_enforced() {
 
     // A hand-built model with an except outside its cidr: compile reports and skips it.
     let mut c = base().policy(DENY_ALL_A);
-    let mut p = c.model.policies[0].clone();
+    let mut p = (*c.model.policies[0]).clone();
     p.name = "broken".into();
     p.ingress = vec![policy::model::Rule {
         peers: vec![policy::Peer::ip_block("10.0.0.0/8", &["11.0.0.0/24"])],
         ports: vec![],
     }];
-    c.model.policies.push(p);
+    c.model.policies.push(p.into());
     let compiled = compile(&c.model, &NodeCtx::empty("node1"));
     assert_eq!(compiled.errors.len(), 1);
     assert_eq!(compiled.errors[0].policy.name, "broken");

@@ -44,14 +44,15 @@ pub fn pod(r: &mut Lcg, i: usize, node: String) -> Pod {
     Pod {
         namespace: format!("ns{}", i % NAMESPACES),
         name: format!("pod{i}"),
-        labels,
+        labels: labels.into(),
         ip: Some(pod_ip(i)),
         node,
         ports: vec![NamedPort {
             name: "http".into(),
             protocol: Protocol::Tcp,
             port: [80, 8080, 9090][r.next(3) as usize],
-        }],
+        }]
+        .into(),
     }
 }
 
@@ -130,7 +131,7 @@ pub fn cluster(pods: usize, policies: usize) -> Model {
             vec![]
         };
         let (ingress_type, egress_type) = Policy::default_types(egress.len());
-        m.policies.push(Policy {
+        m.policies.push(std::sync::Arc::new(Policy {
             namespace: ns,
             name: format!("pol{k}"),
             pod_selector: sel,
@@ -138,7 +139,7 @@ pub fn cluster(pods: usize, policies: usize) -> Model {
             egress_type,
             ingress,
             egress,
-        });
+        }));
     }
     m
 }
@@ -149,7 +150,7 @@ pub fn cluster(pods: usize, policies: usize) -> Model {
 pub fn edit_policy(m: &mut Model, i: usize) -> &'static str {
     let n = m.policies.len();
     // A stride coprime with the sizes used spreads the edits over many policies.
-    let p = &mut m.policies[(i * 37) % n];
+    let p = std::sync::Arc::make_mut(&mut m.policies[(i * 37) % n]);
     let rule_idx = i % p.ingress.len().max(1);
     if p.ingress.is_empty() {
         p.ingress.push(Rule::default());

@@ -82,7 +82,7 @@ impl Cluster {
         self.model.pods.push(Pod {
             namespace: ns.into(),
             name: name.into(),
-            labels: labels(l),
+            labels: labels(l).into(),
             ip: Some(ip.parse().unwrap()),
             node: node.into(),
             ports: ports
@@ -100,7 +100,7 @@ impl Cluster {
     /// A NetworkPolicy manifest in YAML (as users write them).
     pub fn policy(mut self, yaml: &str) -> Cluster {
         let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
-        self.model.policies.push(convert_policy(&np).unwrap());
+        self.model.policies.push(convert_policy(&np).unwrap().into());
         self
     }
 
