@@ -367,17 +367,40 @@ fn changed_parts<K: Ord + Clone, V: PartialEq>(
     desired: &BTreeMap<K, std::sync::Arc<V>>,
     last: &BTreeMap<K, std::sync::Arc<V>>,
 ) -> (BTreeMap<K, std::sync::Arc<V>>, BTreeMap<K, std::sync::Arc<V>>) {
+    use std::cmp::Ordering;
     let same = |a: &std::sync::Arc<V>, b: &std::sync::Arc<V>| std::sync::Arc::ptr_eq(a, b) || a == b;
-    let want = desired
-        .iter()
-        .filter(|(k, v)| last.get(k).is_none_or(|l| !same(l, v)))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let have = last
-        .iter()
-        .filter(|(k, v)| desired.get(k).is_none_or(|d| !same(d, v)))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let (mut want, mut have) = (BTreeMap::new(), BTreeMap::new());
+    // Both maps are sorted by key: one walk side by side instead of a lookup per entry (at 2 300
+    // chains and 1 700 sets, the lookups' key comparisons cost about 1 ms of every edit).
+    let (mut d, mut l) = (desired.iter().peekable(), last.iter().peekable());
+    loop {
+        let order = match (d.peek(), l.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((dk, _)), Some((lk, _))) => dk.cmp(lk),
+        };
+        match order {
+            Ordering::Less => {
+                if let Some((k, v)) = d.next() {
+                    want.insert(k.clone(), v.clone());
+                }
+            }
+            Ordering::Greater => {
+                if let Some((k, v)) = l.next() {
+                    have.insert(k.clone(), v.clone());
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((k, dv)), Some((_, lv))) = (d.next(), l.next()) {
+                    if !same(dv, lv) {
+                        want.insert(k.clone(), dv.clone());
+                        have.insert(k.clone(), lv.clone());
+                    }
+                }
+            }
+        }
+    }
     (want, have)
 }
 
@@ -441,6 +464,32 @@ mod tests {
 
     fn writer() -> Writer<FakeKernel> {
         Writer::new(FakeKernel::new(), Backend::nft())
+    }
+
+    #[test]
+    fn should_find_what_changed_between_two_states_by_pointer_then_value() {
+        let shared = Arc::new(1);
+        let desired: BTreeMap<&str, Arc<i32>> = [
+            ("a", Arc::clone(&shared)),
+            ("b", Arc::new(2)),
+            ("c", Arc::new(3)),
+            ("e", Arc::new(5)),
+        ]
+        .into();
+        let last: BTreeMap<&str, Arc<i32>> = [
+            ("a", Arc::clone(&shared)),
+            ("b", Arc::new(2)),
+            ("c", Arc::new(30)),
+            ("d", Arc::new(4)),
+        ]
+        .into();
+        let (want, have) = changed_parts(&desired, &last);
+        // Same pointer or same value: unchanged; changed, new and gone entries on their side.
+        assert_eq!(want.keys().copied().collect::<Vec<_>>(), ["c", "e"]);
+        assert_eq!(have.keys().copied().collect::<Vec<_>>(), ["c", "d"]);
+        assert_eq!((*want["c"], *have["c"]), (3, 30));
+        let (want, have) = changed_parts(&desired, &BTreeMap::new());
+        assert_eq!((want.len(), have.len()), (4, 0));
     }
 
     #[test]
