@@ -917,10 +917,11 @@ impl Compiler {
                 Some(s) => {
                     let Some(slot) = self.pods.get_mut(s) else { continue };
                     let (labels, ports) = &slot.state.seen;
-                    let same_labels = Arc::ptr_eq(labels, &p.labels) || *slot.state.shape.labels == *p.labels;
-                    let same_ports = Arc::ptr_eq(ports, &p.ports) || *slot.state.shape.ports == *p.ports;
-                    let same = slot.state.ip == p.ip && same_labels && same_ports;
-                    if same {
+                    let same_alloc = Arc::ptr_eq(labels, &p.labels) && Arc::ptr_eq(ports, &p.ports);
+                    let same = slot.state.ip == p.ip
+                        && (same_alloc
+                            || (*slot.state.shape.labels == *p.labels && *slot.state.shape.ports == *p.ports));
+                    if same && !same_alloc {
                         // Equal but reallocated (a relist): compared by pointer from now on.
                         slot.state.seen = (p.labels.clone(), p.ports.clone());
                     }
