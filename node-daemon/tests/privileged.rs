@@ -133,7 +133,7 @@ fn writer_scenario(backend: Backend) {
     ns.exec(&[ipt, "-A", "FOREIGN", "-j", "RETURN"]);
     ns.exec(&[ipt, "-A", "INPUT", "-s", "198.51.100.7", "-j", "FOREIGN"]);
     ns.exec(&["ipset", "create", "foreign-set", "hash:ip"]);
-    let mut w = Writer::new(ExecRunner::in_netns(&ns.0), backend);
+    let mut w = Writer::new(ExecRunner::in_netns(&ns.0), backend.clone());
 
     let r = w.apply(&desired(), false).unwrap();
     assert_eq!(r.changed.len(), 11, "{:?}", r.changed);
@@ -155,6 +155,44 @@ fn writer_scenario(backend: Backend) {
 
     let r = w.apply(&desired(), true).unwrap();
     assert!(r.changed.is_empty(), "second apply must be a no-op: {:?}", r.changed);
+    let ours: Vec<String> = ns
+        .exec(&[save, "-t", "filter"])
+        .lines()
+        .filter(|l| l.starts_with("-A WARREN-"))
+        .map(str::to_string)
+        .collect();
+    if legacy {
+        // Marked by content: no hash comments, a chain's first own comment kept.
+        assert!(ours.iter().all(|l| !l.contains("warren:")), "{ours:#?}");
+        assert!(ours.iter().any(|l| l.contains("allow web")), "{ours:#?}");
+    } else {
+        assert!(ours.iter().all(|l| l.contains("warren:")), "{ours:#?}");
+    }
+
+    // A restarted writer (nothing learned yet) settles at once and then writes nothing.
+    let mut restarted = Writer::new(ExecRunner::in_netns(&ns.0), backend.clone());
+    restarted.apply(&desired(), false).unwrap();
+    let r = restarted.apply(&desired(), true).unwrap();
+    assert!(r.changed.is_empty(), "restarted: {:?}", r.changed);
+
+    // Drift inside a chain: a rule replaced in place is put back.
+    ns.exec(&[
+        ipt,
+        "-R",
+        "WARREN-FORWARD",
+        "2",
+        "-p",
+        "tcp",
+        "--dport",
+        "81",
+        "-j",
+        "ACCEPT",
+    ]);
+    let r = w.apply(&desired(), true).unwrap();
+    assert_eq!(r.drifted, vec!["chain filter/WARREN-FORWARD".to_string()]);
+    let r = w.apply(&desired(), true).unwrap();
+    assert!(r.changed.is_empty(), "repaired: {:?}", r.changed);
+    assert!(!ns.exec(&[save, "-t", "filter"]).contains("dport 81"));
 
     // Drift: a flushed warren chain comes back, and is reported as drift.
     ns.exec(&[ipt, "-F", "WARREN-INPUT"]);

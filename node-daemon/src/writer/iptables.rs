@@ -1,6 +1,11 @@
-//! Pure iptables planning: read back `iptables-save` (only warren's chains and its hooks, by the
-//! hash comment on each rule), compare with the desired chains, and render one
+//! Pure iptables planning: read back `iptables-save` (warren's chains by their prefix, its hooks
+//! by the hash comment on each), compare with the desired chains, and render one
 //! `iptables-restore --noflush` batch per table that rewrites only what differs.
+//!
+//! Two ways to tell whether one of warren's chains holds what it should ([`ChainMarks`]): a hash
+//! comment on every rule (iptables-nft, where a comment is a few bytes of rule userdata), or the
+//! rules' text (iptables-legacy, where every comment is a 256-byte match that each write copies
+//! out of the kernel and back in, with the rest of the table).
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -118,26 +123,33 @@ fn comment(hash: &str) -> String {
 /// What the kernel holds for a comment: 255 bytes and a NUL (`XT_MAX_COMMENT_LEN`).
 const MAX_COMMENT_LEN: usize = 255;
 
+const COMMENT_OPT: &str = "-m comment --comment ";
+
+/// A rule's own comment: the text before the option, the comment's value, and the text after it.
+fn split_comment(rule: &str) -> Option<(&str, &str, &str)> {
+    let at = rule.find(COMMENT_OPT)?;
+    let rest = &rule[at + COMMENT_OPT.len()..];
+    let (own, after) = match rest.strip_prefix('"') {
+        Some(q) => {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        }
+        None => {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            (&rest[..end], &rest[end..])
+        }
+    };
+    Some((&rule[..at], own, after))
+}
+
 /// A desired rule with warren's hash comment. A rule that has a comment of its own (a policy
 /// rule's `ns/name ingress 0`) gets the hash put in front of it, in the same comment: every
 /// comment match is 256 bytes in the kernel, and with iptables-legacy, which copies the whole
 /// table out and back in on every write, a second one per rule was a third of an edit's cost
 /// at 1 000 policies.
 fn tagged(hash: &str, rule: &str) -> String {
-    const OPT: &str = "-m comment --comment ";
-    let Some(at) = rule.find(OPT) else {
+    let Some((before, own, after)) = split_comment(rule) else {
         return format!("{} {rule}", comment(hash));
-    };
-    let rest = &rule[at + OPT.len()..];
-    let (own, after) = match rest.strip_prefix('"') {
-        Some(q) => match q.find('"') {
-            Some(end) => (&q[..end], &q[end + 1..]),
-            None => return format!("{} {rule}", comment(hash)),
-        },
-        None => {
-            let end = rest.find(' ').unwrap_or(rest.len());
-            (&rest[..end], &rest[end..])
-        }
     };
     let mut merged = format!("{RULE_COMMENT_PREFIX}{hash} {own}");
     if merged.len() > MAX_COMMENT_LEN {
@@ -147,7 +159,125 @@ fn tagged(hash: &str, rule: &str) -> String {
         }
         merged.truncate(cut);
     }
-    format!("{}{OPT}\"{merged}\"{after}", &rule[..at])
+    format!("{before}{COMMENT_OPT}\"{merged}\"{after}")
+}
+
+/// How warren's own chains are marked in the kernel and recognised when read back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ChainMarks {
+    /// Every rule carries `warren:<hash>` (chained, so order counts); a chain is right when
+    /// its hashes are. A rule's own comment shares that comment.
+    #[default]
+    Hashes,
+    /// No hashes: a chain keeps only the first of its rules' own comments (a policy chain
+    /// still names its policy) and is right when its rules' text is what warren wrote. With
+    /// iptables-legacy each comment is a 256-byte match that every write copies out of the
+    /// kernel and back in with the whole table: at 1 000 policies, one per rule was a quarter
+    /// of a policy edit's time.
+    Content,
+}
+
+/// The rules of a chain as written with [`ChainMarks::Content`]: own comments after the
+/// chain's first one dropped.
+pub fn content_rules(rules: &[String]) -> Vec<String> {
+    let mut named = false;
+    rules
+        .iter()
+        .map(|r| match split_comment(r) {
+            Some(_) if !named => {
+                named = true;
+                r.clone()
+            }
+            Some((before, _, after)) => {
+                let (before, after) = (before.trim_end(), after.trim_start());
+                match (before.is_empty(), after.is_empty()) {
+                    (true, _) => after.to_string(),
+                    (false, true) => before.to_string(),
+                    (false, false) => format!("{before} {after}"),
+                }
+            }
+            None => r.clone(),
+        })
+        .collect()
+}
+
+fn fingerprint<'a>(lines: impl Iterator<Item = &'a str>) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    for l in lines {
+        l.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What the writer knows, for one table, about how `iptables-save` prints the chains it wrote
+/// with [`ChainMarks::Content`]. The save shows a rule in its own canonical form
+/// (`-p tcp -m tcp --dport 80`, `-s 10.0.0.1/32`, `-p ipencap`), which need not be the text
+/// warren wrote, and which differs between iptables versions. So a chain read back for the
+/// first time after warren wrote it is taken as it reads, and from then on it must read the
+/// same: a rule someone replaced, added or removed is drift.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainForms {
+    pub marks: ChainMarks,
+    /// Per chain: (fingerprint of the rules warren wrote, fingerprint of the rules as read).
+    printed: BTreeMap<String, (u64, u64)>,
+    /// Chains written and not read back since.
+    unread: BTreeSet<String>,
+}
+
+impl ChainForms {
+    pub fn new(marks: ChainMarks) -> Self {
+        Self {
+            marks,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in what a plan learned and wrote. `read_back`: the plan was made against the kernel
+    /// read back, holding `desired` (the table's desired chains): every chain has been read.
+    pub fn record(&mut self, plan: &TablePlan, written: bool, read_back: Option<&dyn Fn(&str) -> bool>) {
+        if let Some(desired) = read_back {
+            self.unread.clear();
+            self.printed.retain(|c, _| desired(c));
+        }
+        for (chain, fp) in &plan.learned {
+            self.printed.insert(chain.clone(), *fp);
+        }
+        if written {
+            for chain in &plan.written {
+                self.printed.remove(chain);
+                self.unread.insert(chain.clone());
+            }
+        }
+    }
+
+    /// Whether `saved` is what warren wrote as `want`.
+    fn holds(
+        &self,
+        chain: &str,
+        want: &[String],
+        saved: &[SavedRule],
+        learned: &mut Vec<(String, (u64, u64))>,
+    ) -> bool {
+        if saved.len() != want.len() {
+            return false;
+        }
+        if saved.iter().zip(want).all(|(s, w)| s.spec == *w) {
+            return true;
+        }
+        let fp = (
+            fingerprint(want.iter().map(String::as_str)),
+            fingerprint(saved.iter().map(|s| s.spec.as_str())),
+        );
+        if self.printed.get(chain) == Some(&fp) {
+            return true;
+        }
+        if self.unread.contains(chain) {
+            learned.push((chain.to_string(), fp));
+            return true;
+        }
+        false
+    }
 }
 
 /// The table as an earlier apply of `written` left it, as far as warren's planning looks: its
@@ -156,19 +286,26 @@ pub fn as_written(
     table: Table,
     chains: &BTreeMap<(Table, String), Arc<Vec<String>>>,
     hooks: &BTreeSet<Hook>,
+    marks: ChainMarks,
 ) -> SavedTable {
     let mut t = SavedTable::default();
     for ((tt, chain), rules) in chains {
         if *tt != table {
             continue;
         }
-        let saved = rule_hashes(chain, rules)
-            .into_iter()
-            .map(|h| SavedRule {
-                spec: String::new(),
-                hash: Some(h),
-            })
-            .collect();
+        let saved = match marks {
+            ChainMarks::Hashes => rule_hashes(chain, rules)
+                .into_iter()
+                .map(|h| SavedRule {
+                    spec: String::new(),
+                    hash: Some(h),
+                })
+                .collect(),
+            ChainMarks::Content => content_rules(rules)
+                .into_iter()
+                .map(|spec| SavedRule { spec, hash: None })
+                .collect(),
+        };
         t.chains.insert(chain.clone(), saved);
     }
     for h in hooks.iter().filter(|h| h.table == table) {
@@ -195,6 +332,11 @@ pub struct TablePlan {
     pub restore: String,
     /// Human names of what changes (for logs and drift accounting).
     pub changed: Vec<String>,
+    /// The chains the restore creates or rewrites.
+    pub written: Vec<String>,
+    /// With [`ChainMarks::Content`]: how chains written earlier and read back now print
+    /// (for [`ChainForms::record`]).
+    pub learned: Vec<(String, (u64, u64))>,
 }
 
 /// Plans one table. `sweep` allows removing warren chains and hooks that are no longer desired
@@ -205,27 +347,42 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
     hooks: &[&Hook],
     actual: &SavedTable,
     sweep: bool,
+    forms: &ChainForms,
 ) -> TablePlan {
     let mut decls = Vec::new();
     let mut body = Vec::new();
     let mut changed = Vec::new();
+    let mut written = Vec::new();
+    let mut learned = Vec::new();
     let tname = table.name();
 
     for (chain, rules) in desired {
         let rules: &Vec<String> = rules.borrow();
-        let hashes = rule_hashes(chain, rules);
-        let same = actual.chains.get(chain).is_some_and(|saved| {
-            saved.len() == hashes.len() && saved.iter().zip(&hashes).all(|(s, h)| s.hash.as_deref() == Some(h))
-        });
-        if same {
-            continue;
-        }
+        let saved = actual.chains.get(chain);
+        let lines = match forms.marks {
+            ChainMarks::Hashes => {
+                let hashes = rule_hashes(chain, rules);
+                let same = saved.is_some_and(|saved| {
+                    saved.len() == hashes.len() && saved.iter().zip(&hashes).all(|(s, h)| s.hash.as_deref() == Some(h))
+                });
+                if same {
+                    continue;
+                }
+                rules.iter().zip(&hashes).map(|(r, h)| tagged(h, r)).collect()
+            }
+            ChainMarks::Content => {
+                let want = content_rules(rules);
+                if saved.is_some_and(|saved| forms.holds(chain, &want, saved, &mut learned)) {
+                    continue;
+                }
+                want
+            }
+        };
         // Declaring a chain in a --noflush restore creates it or flushes it: the rewrite is atomic.
         decls.push(format!(":{chain} - [0:0]"));
-        for (rule, hash) in rules.iter().zip(&hashes) {
-            body.push(format!("-A {chain} {}", tagged(hash, rule)));
-        }
+        body.extend(lines.into_iter().map(|l| format!("-A {chain} {l}")));
         changed.push(format!("chain {tname}/{chain}"));
+        written.push(chain.clone());
     }
 
     let wanted: BTreeMap<String, &Hook> = hooks.iter().map(|h| (hook_hash(h), *h)).collect();
@@ -285,7 +442,10 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
     }
 
     if changed.is_empty() {
-        return TablePlan::default();
+        return TablePlan {
+            learned,
+            ..TablePlan::default()
+        };
     }
     let mut out = format!("*{tname}\n");
     for l in decls.iter().chain(&body).chain(&hook_deletes).chain(&hook_inserts) {
@@ -300,7 +460,12 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
         out.push_str(&format!("-X {c}\n"));
     }
     out.push_str("COMMIT\n");
-    TablePlan { restore: out, changed }
+    TablePlan {
+        restore: out,
+        changed,
+        written,
+        learned,
+    }
 }
 
 /// The unconditional RETURN that ends a body inserted by [`plan_inserts`]: what follows it is the
@@ -327,10 +492,12 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
     let mut appends = Vec::new();
     let mut inserts = Vec::new();
     let mut changed = Vec::new();
+    let mut written = Vec::new();
     for (chain, rules) in desired {
         let rules: &Vec<String> = rules.borrow();
         let hashes = rule_hashes(chain, rules);
         let lines = rules.iter().zip(&hashes).map(|(r, h)| tagged(h, r));
+        written.push(chain.clone());
         if exists(chain) {
             // Inserted at the head in reverse order. Without a rule number iptables-nft needs no
             // rule cache for the chain (measured: 4 ms less per batch, more in a large table).
@@ -354,7 +521,12 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
         out.push('\n');
     }
     out.push_str("COMMIT\n");
-    TablePlan { restore: out, changed }
+    TablePlan {
+        restore: out,
+        changed,
+        written,
+        learned: Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +582,7 @@ mod tests {
             &[h],
             &parse_save(saved),
             false,
+            &ChainForms::default(),
         )
     }
 
@@ -455,7 +628,14 @@ mod tests {
     fn should_write_everything_into_an_empty_table_then_nothing() {
         let h = hook("INPUT", "-j WARREN-INPUT");
         let base = ":INPUT ACCEPT [0:0]\n-A INPUT -s 1.2.3.4/32 -j ACCEPT\n";
-        let plan = plan_table(Table::Filter, &desired(), &[&h], &parse_save(base), false);
+        let plan = plan_table(
+            Table::Filter,
+            &desired(),
+            &[&h],
+            &parse_save(base),
+            false,
+            &ChainForms::default(),
+        );
         assert!(
             plan.restore.starts_with("*filter\n:WARREN-INPUT - [0:0]\n"),
             "{}",
@@ -464,17 +644,24 @@ mod tests {
         assert!(plan.restore.contains("-I INPUT 1 -m comment --comment \"warren:"));
         assert!(plan.restore.ends_with("COMMIT\n"));
         let after = saved_from(&plan, base);
-        let again = plan_table(Table::Filter, &desired(), &[&h], &after, true);
+        let again = plan_table(Table::Filter, &desired(), &[&h], &after, true, &ChainForms::default());
         assert_eq!(again, TablePlan::default(), "second apply must be a no-op");
     }
 
     #[test]
     fn should_rewrite_only_a_chain_whose_rules_differ() {
         let h = hook("INPUT", "-j WARREN-INPUT");
-        let plan = plan_table(Table::Filter, &desired(), &[&h], &SavedTable::default(), false);
+        let plan = plan_table(
+            Table::Filter,
+            &desired(),
+            &[&h],
+            &SavedTable::default(),
+            false,
+            &ChainForms::default(),
+        );
         let mut after = saved_from(&plan, ":INPUT ACCEPT [0:0]\n");
         after.chains.get_mut("WARREN-INPUT").unwrap().clear(); // someone ran iptables -F
-        let repair = plan_table(Table::Filter, &desired(), &[&h], &after, false);
+        let repair = plan_table(Table::Filter, &desired(), &[&h], &after, false, &ChainForms::default());
         assert_eq!(repair.changed, vec!["chain filter/WARREN-INPUT".to_string()]);
         assert!(!repair.restore.contains("INPUT 1"), "hook must not be inserted twice");
     }
@@ -487,10 +674,10 @@ mod tests {
         let actual = parse_save(text);
         let none = BTreeMap::<String, Vec<String>>::new();
         assert_eq!(
-            plan_table(Table::Filter, &none, &[], &actual, false),
+            plan_table(Table::Filter, &none, &[], &actual, false, &ChainForms::default()),
             TablePlan::default()
         );
-        let plan = plan_table(Table::Filter, &none, &[], &actual, true);
+        let plan = plan_table(Table::Filter, &none, &[], &actual, true, &ChainForms::default());
         assert_eq!(
             plan.restore,
             "*filter\n-D INPUT -m comment --comment warren:deadbeef -j WARREN-OLD\n-F WARREN-OLD\n-X WARREN-OLD\nCOMMIT\n"
@@ -579,5 +766,90 @@ mod tests {
         assert_eq!(plan.changed.len(), 2);
         let none: BTreeMap<String, Vec<String>> = BTreeMap::new();
         assert_eq!(plan_inserts(Table::Filter, &none, &|_| true), TablePlan::default());
+    }
+
+    #[test]
+    fn should_keep_only_a_chains_first_own_comment_in_content_marks() {
+        let rules: Vec<String> = vec![
+            "-j WARREN-X".into(),
+            "-p tcp -m comment --comment \"a/web ingress 0\" -m tcp --dport 80 -g WARREN-ALLOW".into(),
+            "-m comment --comment \"a/web ingress 1\" -m set --match-set s src -g WARREN-ALLOW".into(),
+            "-p udp -m comment --comment bare".into(),
+        ];
+        assert_eq!(
+            content_rules(&rules),
+            [
+                "-j WARREN-X",
+                "-p tcp -m comment --comment \"a/web ingress 0\" -m tcp --dport 80 -g WARREN-ALLOW",
+                "-m set --match-set s src -g WARREN-ALLOW",
+                "-p udp",
+            ]
+        );
+    }
+
+    /// With content marks a chain is compared by its rules' text: what the save prints the
+    /// same way is right at once; what it prints its own way is learned the first time the
+    /// chain is read back after warren wrote it, and must read the same afterwards.
+    #[test]
+    fn should_compare_chains_by_content_and_learn_how_the_save_prints_them() {
+        let mut want = BTreeMap::new();
+        want.insert(
+            "WARREN-P".to_string(),
+            vec![
+                "-m comment --comment \"a/web ingress 0\" -m set --match-set s src -g WARREN-ALLOW".to_string(),
+                "-p tcp --dport 80 -m comment --comment \"a/web ingress 1\" -g WARREN-ALLOW".to_string(),
+            ],
+        );
+        let mut forms = ChainForms::new(ChainMarks::Content);
+        let plan = plan_table(Table::Filter, &want, &[], &SavedTable::default(), false, &forms);
+        assert!(!plan.restore.contains("warren:"), "no hashes: {}", plan.restore);
+        assert_eq!(plan.restore.matches("--comment").count(), 1, "{}", plan.restore);
+        assert_eq!(plan.written, ["WARREN-P"]);
+        forms.record(&plan, true, None);
+
+        // The save prints the first rule as written, the second its own way (`-m tcp`).
+        let printed = |second: &str| {
+            parse_save(&format!(
+                ":WARREN-P - [0:0]\n-A WARREN-P -m comment --comment \"a/web ingress 0\" -m set --match-set s src -g WARREN-ALLOW\n\
+                 -A WARREN-P {second}\n"
+            ))
+        };
+        let canonical = printed("-p tcp -m tcp --dport 80 -g WARREN-ALLOW");
+        let desired_here = |c: &str| c == "WARREN-P";
+        // Not yet read back since written: taken as it reads.
+        let plan = plan_table(Table::Filter, &want, &[], &canonical, true, &forms);
+        assert!(plan.restore.is_empty(), "{}", plan.restore);
+        assert_eq!(plan.learned.len(), 1);
+        forms.record(&plan, true, Some(&desired_here));
+        // From now on it must read the same.
+        let plan = plan_table(Table::Filter, &want, &[], &canonical, true, &forms);
+        assert_eq!(plan, TablePlan::default());
+        forms.record(&plan, true, Some(&desired_here));
+        for drift in [
+            printed("-p tcp -m tcp --dport 81 -g WARREN-ALLOW"),
+            printed("-p tcp -m tcp --dport 80 -j ACCEPT"),
+        ] {
+            let plan = plan_table(Table::Filter, &want, &[], &drift, true, &forms);
+            assert_eq!(plan.changed, ["chain filter/WARREN-P"], "a replaced rule is drift");
+        }
+        let mut short = canonical.clone();
+        short.chains.get_mut("WARREN-P").unwrap().pop();
+        let plan = plan_table(Table::Filter, &want, &[], &short, true, &forms);
+        assert_eq!(plan.changed, ["chain filter/WARREN-P"], "a deleted rule is drift");
+        // A writer that never wrote it (a restart) rewrites a chain that does not read as
+        // written, once; one that reads exactly as written stays.
+        let fresh = ChainForms::new(ChainMarks::Content);
+        let plan = plan_table(Table::Filter, &want, &[], &canonical, false, &fresh);
+        assert_eq!(plan.written, ["WARREN-P"]);
+        let mut exact = want.clone();
+        exact.insert(
+            "WARREN-P".into(),
+            vec!["-p tcp -m tcp --dport 80 -g WARREN-ALLOW".into()],
+        );
+        let as_is = parse_save(":WARREN-P - [0:0]\n-A WARREN-P -p tcp -m tcp --dport 80 -g WARREN-ALLOW\n");
+        assert_eq!(
+            plan_table(Table::Filter, &exact, &[], &as_is, false, &fresh),
+            TablePlan::default()
+        );
     }
 }

@@ -57,6 +57,9 @@ pub struct Writer<C: CommandRunner> {
     pub make_before_break: bool,
     /// What make-before-break writes left in the kernel for [`Writer::tidy`].
     untidy: Untidy,
+    /// Per table, how warren's chains are marked and, with [`iptables::ChainMarks::Content`],
+    /// how they read back.
+    forms: BTreeMap<Table, iptables::ChainForms>,
 }
 
 /// Leftovers of make-before-break writes, all warren's own and unreachable by packets.
@@ -97,8 +100,26 @@ impl<C: CommandRunner> Writer<C> {
             read_back: true,
             make_before_break: backend.kind == IptablesBackend::Nft,
             untidy: Untidy::default(),
+            forms: BTreeMap::new(),
             backend,
         }
+    }
+
+    /// How the rules of warren's chains are marked: by content with iptables-legacy (see
+    /// [`iptables::ChainMarks::Content`]), by hash comments otherwise. Make-before-break writes
+    /// always carry hashes (they are for iptables-nft).
+    pub fn chain_marks(&self) -> iptables::ChainMarks {
+        match self.backend.kind {
+            IptablesBackend::Legacy => iptables::ChainMarks::Content,
+            _ => iptables::ChainMarks::Hashes,
+        }
+    }
+
+    fn forms(&mut self, table: Table) -> &mut iptables::ChainForms {
+        let marks = self.chain_marks();
+        self.forms
+            .entry(table)
+            .or_insert_with(|| iptables::ChainForms::new(marks))
     }
 
     /// How many chains and sets make-before-break writes left for [`Writer::tidy`].
@@ -132,17 +153,23 @@ impl<C: CommandRunner> Writer<C> {
     }
 
     /// One table's `iptables-restore --noflush` batch, if the plan has one: what it changed goes
-    /// to `report`, a failure to `errors`.
-    fn restore_table(&self, plan: iptables::TablePlan, report: &mut ApplyReport, errors: &mut Vec<CmdError>) {
+    /// to `report`, a failure to `errors`. Whether the batch was written (or nothing was to be).
+    fn restore_table(&self, plan: &iptables::TablePlan, report: &mut ApplyReport, errors: &mut Vec<CmdError>) -> bool {
         if plan.restore.is_empty() {
-            return;
+            return true;
         }
         match self
             .runner
             .run(self.backend.restore, &["--noflush", "--wait"], Some(&plan.restore))
         {
-            Ok(_) => report.changed.extend(plan.changed),
-            Err(e) => errors.push(e),
+            Ok(_) => {
+                report.changed.extend(plan.changed.iter().cloned());
+                true
+            }
+            Err(e) => {
+                errors.push(e);
+                false
+            }
         }
     }
 
@@ -201,12 +228,19 @@ impl<C: CommandRunner> Writer<C> {
             let chains = chains_in(table, &want_chains);
             let hooks: Vec<&Hook> = desired.hooks.iter().filter(|h| h.table == table).collect();
             let actual = match &cached {
-                Some(last) => iptables::as_written(table, &last_chains, &last.hooks),
+                Some(last) => iptables::as_written(table, &last_chains, &last.hooks, self.chain_marks()),
                 // A table the dump does not show is empty (not even loaded).
                 None => saved.get(table.name()).cloned().unwrap_or_default(),
             };
-            let plan = iptables::plan_table(table, &chains, &hooks, &actual, sweep);
-            self.restore_table(plan, &mut report, &mut errors);
+            let plan = iptables::plan_table(table, &chains, &hooks, &actual, sweep, self.forms(table));
+            let written = self.restore_table(&plan, &mut report, &mut errors);
+            // Read back, `chains` is every desired chain of the table.
+            let desired_here = |c: &str| chains.contains_key(c);
+            let read_back: Option<&dyn Fn(&str) -> bool> = match cached {
+                None => Some(&desired_here),
+                Some(_) => None,
+            };
+            self.forms(table).record(&plan, written, read_back);
         }
 
         self.ipset_restore(&set_plan.after, &mut errors);
@@ -263,7 +297,7 @@ impl<C: CommandRunner> Writer<C> {
         for table in iptables::ALL_TABLES {
             let chains = chains_in(table, &want_chains);
             let plan = iptables::plan_inserts(table, &chains, &|c| in_kernel(&(table, c.to_string())));
-            self.restore_table(plan, &mut report, &mut errors);
+            self.restore_table(&plan, &mut report, &mut errors);
         }
         report.changed.extend(set_plan.changed);
 
@@ -321,8 +355,15 @@ impl<C: CommandRunner> Writer<C> {
             for (_, c) in self.untidy.stale_chains.iter().filter(|(t, _)| *t == table) {
                 actual.chains.entry(c.clone()).or_default();
             }
-            let plan = iptables::plan_table(table, &chains, &[], &actual, true);
-            self.restore_table(plan, &mut report, &mut errors);
+            // Nothing is learned here: `actual` is made up, not read.
+            let forms = iptables::ChainForms::new(self.chain_marks());
+            let plan = iptables::plan_table(table, &chains, &[], &actual, true, &forms);
+            let written = self.restore_table(&plan, &mut report, &mut errors);
+            let marks = forms.marks;
+            self.forms
+                .entry(table)
+                .or_insert_with(|| iptables::ChainForms::new(marks))
+                .record(&plan, written, None);
         }
         // Sets go only once no rule, dead or not, can reference them.
         if errors.is_empty() {
