@@ -24,6 +24,13 @@ pub const RULE_COMMENT_PREFIX: &str = "warren:";
 /// Route protocol number on every route warren-node programs (unused by iproute2's
 /// rt_protos; Calico's felix uses 80 for the same purpose, so pick a distinct one).
 pub const ROUTE_PROTO: u8 = 88;
+
+/// The `size` a `list:set` of `members` sets is created with: a power of two, at least 8. A
+/// list's name carries this class (see the policy compiler), so a list that outgrows its size
+/// is another set, and a kernel that enforces the size never refuses a member.
+pub fn list_set_size(members: usize) -> usize {
+    members.next_power_of_two().max(8)
+}
 /// Name of the CNI network in the conflist warren-node renders.
 pub const NETWORK_NAME: &str = "k8s-pod-network";
 /// Conflist path on every node.

@@ -419,13 +419,15 @@ fn peer_set(policy_ns: &str, peer: &Peer) -> (String, SetDef) {
 /// 340 ms to an iptables-nft full sync), so a list is made where it saves two rules per port.
 const LIST_MIN_PEERS: usize = 3;
 
-/// The one set a rule with several peers matches: a `list:set` of their sets, named after its
-/// members (so its members never change; another list of peers is another set).
-fn list_set(members: BTreeSet<String>) -> (String, SetDef) {
-    let key = format!(
-        "list|{}",
-        members.iter().map(String::as_str).collect::<Vec<_>>().join(",")
-    );
+/// The one set a rule with several peers matches: a `list:set` of their sets, named after the
+/// rule (`rule_key`: policy, direction, position and ports) and the list's size class, not
+/// after its members. So when only a rule's peers change (a namespace or an app allowed, the
+/// most common policy edit), its iptables rules stay the same and the list's members change:
+/// an ipset update instead of an iptables write, which with iptables-legacy rewrites the whole
+/// table. Meanwhile the rule matches the old peers and the new ones, for the time between the
+/// list's adds and its deletes, as with any set whose members change.
+fn list_set(rule_key: &str, members: BTreeSet<String>) -> (String, SetDef) {
+    let key = format!("list|{rule_key}|{}", conf::names::list_set_size(members.len()));
     (set_name("l", &key), SetDef::List(members))
 }
 
@@ -1236,7 +1238,15 @@ impl Compiler {
                 let mut sets = Vec::with_capacity(defs.len());
                 for (set, def) in defs {
                     let id = match self.set_ids.get(&set) {
-                        Some(&id) => id,
+                        Some(&id) => {
+                            // Only a list's name outlives its definition (it is named after the
+                            // rule): its members are republished.
+                            if let Some(e) = self.sets.get_mut(id).filter(|e| e.def != def) {
+                                e.def = def;
+                                e.spec = None;
+                            }
+                            id
+                        }
                         None => {
                             let id = self.sets.insert(SetEntry {
                                 name: set.clone(),
@@ -1787,36 +1797,6 @@ fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)
     };
     for (i, r) in pol.rules(d).iter().enumerate() {
         let comment = rule_comment(&pol.id(), d, i);
-        let mut peer_sets = BTreeSet::new();
-        for p in &r.peers {
-            let (name, def) = peer_set(&pol.namespace, p);
-            peer_sets.insert(name.clone());
-            uses(name, def);
-        }
-        // Peers are ORed: from LIST_MIN_PEERS on, one list:set holds them all and the rule
-        // costs one line per port; below, one line per (port, peer).
-        let peers: Vec<Vec<Match>> = if peer_sets.is_empty() {
-            vec![vec![]]
-        } else if peer_sets.len() >= LIST_MIN_PEERS {
-            let (name, def) = list_set(peer_sets);
-            uses(name.clone(), def);
-            vec![vec![Match::Set {
-                name,
-                dir,
-                negate: false,
-            }]]
-        } else {
-            peer_sets
-                .into_iter()
-                .map(|name| {
-                    vec![Match::Set {
-                        name,
-                        dir,
-                        negate: false,
-                    }]
-                })
-                .collect()
-        };
         let ports: Vec<Vec<Match>> = if r.ports.is_empty() {
             vec![vec![]]
         } else {
@@ -1841,6 +1821,36 @@ fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)
                         }
                     }
                     m
+                })
+                .collect()
+        };
+        let mut peer_sets = BTreeSet::new();
+        for p in &r.peers {
+            let (name, def) = peer_set(&pol.namespace, p);
+            peer_sets.insert(name.clone());
+            uses(name, def);
+        }
+        // Peers are ORed: from LIST_MIN_PEERS on, one list:set holds them all and the rule
+        // costs one line per port; below, one line per (port, peer).
+        let peers: Vec<Vec<Match>> = if peer_sets.is_empty() {
+            vec![vec![]]
+        } else if peer_sets.len() >= LIST_MIN_PEERS {
+            let (name, def) = list_set(&format!("{comment}|{ports:?}"), peer_sets);
+            uses(name.clone(), def);
+            vec![vec![Match::Set {
+                name,
+                dir,
+                negate: false,
+            }]]
+        } else {
+            peer_sets
+                .into_iter()
+                .map(|name| {
+                    vec![Match::Set {
+                        name,
+                        dir,
+                        negate: false,
+                    }]
                 })
                 .collect()
         };

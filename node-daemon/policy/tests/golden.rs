@@ -117,3 +117,51 @@ spec:
         "node1",
     );
 }
+
+/// A rule's list:set is named after the rule, not its peers: changing only the peers keeps
+/// every iptables rule and changes the list's members (an ipset update, no iptables write);
+/// changing its ports, or outgrowing the list's size class, names another list.
+#[test]
+fn list_of_a_rule_keeps_its_name_while_only_its_peers_change() {
+    let yaml = |peers: &[&str], port: u16| {
+        let from: Vec<String> = peers
+            .iter()
+            .map(|p| format!("{{podSelector: {{matchLabels: {{app: {p}}}}}}}"))
+            .collect();
+        format!(
+            "metadata: {{name: web, namespace: a}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  \
+             ingress:\n  - from: [{}]\n    ports: [{{protocol: TCP, port: {port}}}]\n",
+            from.join(", ")
+        )
+    };
+    let compiled = |peers: &[&str], port: u16| {
+        let c = Cluster::new()
+            .pod("a/web", &[("app", "web")], "10.233.90.2", "node1")
+            .policy(&yaml(peers, port));
+        let ctx = NodeCtx::from_model(&c.model, "node1", "cali").unwrap();
+        let out = compile(&c.model, &ctx);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        out.dataplane
+    };
+    let lists = |dp: &conf::dataplane::DesiredDataplane| -> Vec<(String, usize)> {
+        dp.ipsets
+            .iter()
+            .filter(|(_, s)| s.kind == "list:set")
+            .map(|(n, s)| (n.clone(), s.members.len()))
+            .collect()
+    };
+    let three = compiled(&["a", "b", "c"], 80);
+    let four = compiled(&["a", "b", "d", "e"], 80);
+    assert_eq!(three.chains, four.chains, "same rules, other peers");
+    let (l3, l4) = (lists(&three), lists(&four));
+    assert_eq!((l3.len(), l3[0].0 == l4[0].0), (1, true), "{l3:?} {l4:?}");
+    assert_eq!((l3[0].1, l4[0].1), (3, 4));
+    // Other ports: another list, so the old rules never see the new ports' peers.
+    let other_port = compiled(&["a", "b", "c"], 81);
+    assert_ne!(lists(&other_port)[0].0, l3[0].0);
+    // Up to 8 members one size class; the ninth peer names a list created larger.
+    let nine: Vec<String> = (0..9).map(|i| format!("p{i}")).collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    assert_eq!(lists(&compiled(&nine[..8], 80))[0].0, l3[0].0);
+    assert_ne!(lists(&compiled(&nine, 80))[0].0, l3[0].0);
+}

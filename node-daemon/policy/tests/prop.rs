@@ -436,6 +436,14 @@ enum Edit {
     /// Pod `pod<i>` takes the address of `pod<j>` (an address reused before the old pod is gone).
     ReuseIp(usize, usize),
     Policy(usize, Policy),
+    /// The peers of one rule of policy `p<i>` change, nothing else (a rule with three peers or
+    /// more keeps its list and the list's members change).
+    PolicyPeers {
+        i: usize,
+        egress: bool,
+        rule: usize,
+        peers: Vec<Peer>,
+    },
     DropPolicy(usize),
     Namespace(usize, BTreeMap<String, String>),
     /// The API lists objects in no fixed order: every pod and policy moves to another place.
@@ -481,6 +489,8 @@ fn edit() -> impl Strategy<Value = Edit> {
         1 => (0..10usize).prop_map(Edit::DropPod),
         1 => (0..10usize, 0..10usize).prop_map(|(i, j)| Edit::ReuseIp(i, j)),
         3 => (0..6usize).prop_flat_map(|i| policy(i).prop_map(move |p| Edit::Policy(i, p))),
+        2 => (0..6usize, any::<bool>(), 0..3usize, proptest::collection::vec(peer(), 0..6))
+            .prop_map(|(i, egress, rule, peers)| Edit::PolicyPeers { i, egress, rule, peers }),
         1 => (0..6usize).prop_map(Edit::DropPolicy),
         1 => (0..3usize, ns_labels()).prop_map(|(i, l)| Edit::Namespace(i, l)),
         1 => Just(Edit::ReversePods),
@@ -517,6 +527,15 @@ fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
             Some(x) => *x = Arc::new(p),
             None => m.policies.push(Arc::new(p)),
         },
+        Edit::PolicyPeers { i, egress, rule, peers } => {
+            if let Some(x) = m.policies.iter_mut().find(|x| x.name == format!("p{i}")) {
+                let p = Arc::make_mut(x);
+                let rules = if egress { &mut p.egress } else { &mut p.ingress };
+                if let Some(r) = rules.get_mut(rule) {
+                    r.peers = peers;
+                }
+            }
+        }
         Edit::DropPolicy(i) => m.policies.retain(|x| x.name != format!("p{i}")),
         Edit::Namespace(i, labels) => {
             let name = format!("ns{i}");

@@ -75,14 +75,11 @@ pub fn temp_name(name: &str) -> String {
 /// to destroy a set a list still holds).
 pub const LIST_SET: &str = "list:set";
 
-/// The smallest `size` the `ipset` binary gives a list:set.
-const LIST_MIN_SIZE: usize = 8;
-
 fn create_line(name: &str, spec: &IpSetSpec) -> String {
     if spec.kind == LIST_SET {
-        // A list cannot grow past its size; warren's lists are named after their members, so
-        // the members it is created with are all it will ever hold.
-        let size = spec.members.len().max(LIST_MIN_SIZE);
+        // A list cannot grow past its size (on kernels that enforce it); warren's lists are
+        // named after their size class, so the members a list is given always fit.
+        let size = conf::names::list_set_size(spec.members.len());
         return format!("create {name} {LIST_SET} size {size}\n");
     }
     format!(
@@ -260,10 +257,28 @@ mod tests {
             gone.after,
             "destroy warren-a-list\ndestroy warren-m1\ndestroy warren-m2\n"
         );
-        // A list holding more sets than the binary's default size is created large enough.
+        // A list holding more sets than the binary's default size is created with room up to
+        // its size class (a power of two), which its name carries.
         let many: Vec<String> = (0..11).map(|i| format!("warren-m{i}")).collect();
         let big = spec(LIST_SET, &many.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(create_line("warren-l", &big), "create warren-l list:set size 11\n");
+        assert_eq!(create_line("warren-l", &big), "create warren-l list:set size 16\n");
+
+        // A rule's peers change: the new member set exists before the list takes it, the list
+        // lets go of the old one before it is destroyed.
+        let mut next = BTreeMap::new();
+        next.insert("warren-a-list".to_string(), spec(LIST_SET, &["warren-m1", "warren-m3"]));
+        next.insert("warren-m1".to_string(), spec("hash:net", &["10.0.0.0/8"]));
+        next.insert("warren-m3".to_string(), spec("hash:net", &["10.3.0.0/16"]));
+        let p = plan_sets(&next, &actual, true);
+        let at = |line: &str| {
+            p.before
+                .find(line)
+                .unwrap_or_else(|| panic!("{line:?} in {}", p.before))
+        };
+        assert!(at("add warren-a-list warren-m3\n") > at("create warren-m3 "));
+        assert!(at("del warren-a-list warren-m2\n") > at("add warren-a-list warren-m3\n"));
+        assert!(!p.before.contains("create warren-a-list"), "{}", p.before);
+        assert_eq!(p.after, "destroy warren-m2\n");
     }
 
     #[test]
