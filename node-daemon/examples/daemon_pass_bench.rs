@@ -63,6 +63,10 @@ fn main() -> Result<()> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        if a == "--help" || a == "-h" {
+            println!("usage: daemon_pass_bench [--pods N] [--policies N] [--passes N] [--out PATH] [--mode old|new]");
+            return Ok(());
+        }
         let v = it.next().with_context(|| format!("{a} needs a value"))?;
         match a.as_str() {
             "--pods" => o.pods = v.parse().context("--pods")?,

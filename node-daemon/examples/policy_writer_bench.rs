@@ -65,6 +65,10 @@ fn main() -> Result<()> {
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
+        if a == "--help" || a == "-h" {
+            println!("usage: policy_writer_bench [--backends nft,legacy] [--edits N] [--filler RULES] [--out PATH]");
+            return Ok(());
+        }
         let v = it.next().with_context(|| format!("{a} needs a value"))?;
         match a.as_str() {
             "--backends" => opts.backends = v.split(',').map(str::to_string).collect(),
