@@ -287,7 +287,8 @@ fn clear_accept() -> Action {
     }
 }
 
-/// What an ipset holds, as a function of the cluster (its name is a function of this alone).
+/// What an ipset holds, as a function of the cluster. Its name is a function of this alone,
+/// except a list's, which is named after the rule that uses it (see [`list_set`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum SetDef {
     /// Pods with an address that a `podSelector`/`namespaceSelector` peer covers.
