@@ -233,6 +233,11 @@ mod tests {
         assert_eq!(p.after, "destroy warren-old\n");
     }
 
+    /// Where `line` starts in `text`; a missing line fails the test.
+    fn position(text: &str, line: &str) -> usize {
+        text.find(line).unwrap_or_else(|| panic!("{line:?} in {text}"))
+    }
+
     #[test]
     fn should_create_a_list_after_its_members_and_destroy_it_before_them() {
         let mut desired = BTreeMap::new();
@@ -241,11 +246,7 @@ mod tests {
         desired.insert("warren-m1".to_string(), spec("hash:net", &["10.0.0.0/8"]));
         desired.insert("warren-m2".to_string(), spec("hash:net", &["10.1.0.0/16"]));
         let p = plan_sets(&desired, &BTreeMap::<String, IpSetSpec>::new(), true);
-        let at = |line: &str| {
-            p.before
-                .find(line)
-                .unwrap_or_else(|| panic!("{line:?} in {}", p.before))
-        };
+        let at = |line: &str| position(&p.before, line);
         assert!(at("create warren-a-list list:set size 8\n") > at("create warren-m2 "));
         assert!(at("add warren-a-list warren-m1\n") > at("create warren-a-list"));
 
@@ -270,11 +271,7 @@ mod tests {
         next.insert("warren-m1".to_string(), spec("hash:net", &["10.0.0.0/8"]));
         next.insert("warren-m3".to_string(), spec("hash:net", &["10.3.0.0/16"]));
         let p = plan_sets(&next, &actual, true);
-        let at = |line: &str| {
-            p.before
-                .find(line)
-                .unwrap_or_else(|| panic!("{line:?} in {}", p.before))
-        };
+        let at = |line: &str| position(&p.before, line);
         assert!(at("add warren-a-list warren-m3\n") > at("create warren-m3 "));
         assert!(at("del warren-a-list warren-m2\n") > at("add warren-a-list warren-m3\n"));
         assert!(!p.before.contains("create warren-a-list"), "{}", p.before);
