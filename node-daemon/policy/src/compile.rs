@@ -36,10 +36,10 @@ use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    Direction, Labels, Model, NamedPort, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortSpec, Protocol,
-    Selector,
+    Direction, Labels, Model, NamedPort, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortMatch, PortSpec,
+    Protocol, Selector,
 };
-use crate::rule::{Action, CtState, Match, Rule, SetDir};
+use crate::rule::{multiport_slots, Action, CtState, Match, Rule, SetDir, MULTIPORT_SLOTS};
 
 /// Mark bit set by policy chains when a rule allowed the packet (Calico's accept bit).
 pub const MARK_ACCEPT: u32 = 0x10000;
@@ -1798,33 +1798,7 @@ fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)
     };
     for (i, r) in pol.rules(d).iter().enumerate() {
         let comment = rule_comment(&pol.id(), d, i);
-        let ports: Vec<Vec<Match>> = if r.ports.is_empty() {
-            vec![vec![]]
-        } else {
-            r.ports
-                .iter()
-                .map(|pm| {
-                    let mut m = vec![Match::Proto(pm.protocol.number())];
-                    match &pm.port {
-                        None => {}
-                        Some(PortSpec::Number { port, end }) => m.push(Match::DPort {
-                            lo: *port,
-                            hi: end.unwrap_or(*port),
-                        }),
-                        Some(PortSpec::Named(n)) => {
-                            let (name, def) = named_port_set(n, pm.protocol);
-                            uses(name.clone(), def);
-                            m.push(Match::Set {
-                                name,
-                                dir: SetDir::DstDst,
-                                negate: false,
-                            })
-                        }
-                    }
-                    m
-                })
-                .collect()
-        };
+        let ports = port_matches(&r.ports, uses);
         let mut peer_sets = BTreeSet::new();
         for p in &r.peers {
             let (name, def) = peer_set(&pol.namespace, p);
@@ -1863,7 +1837,137 @@ fn policy_rules(pol: &Policy, d: Direction, uses: &mut dyn FnMut(String, SetDef)
             }
         }
     }
-    rules
+    drop_shadowed(rules)
+}
+
+/// One rule's ports as alternative match lists. Numeric ports of one protocol share a line
+/// through `multiport` (80 and 443 are one rule, not two), merged where they overlap or touch;
+/// a named port is a line of its own, since it resolves through a set per destination.
+fn port_matches(ports: &[PortMatch], uses: &mut dyn FnMut(String, SetDef)) -> Vec<Vec<Match>> {
+    if ports.is_empty() {
+        return vec![vec![]];
+    }
+    let mut out: Vec<Vec<Match>> = vec![];
+    /// A protocol's numeric ports, and where in `out` their line goes.
+    struct Numeric {
+        proto: u8,
+        at: usize,
+        ranges: Vec<(u16, u16)>,
+    }
+    // In order of first appearance.
+    let mut numeric: Vec<Numeric> = vec![];
+    for pm in ports {
+        let proto = pm.protocol.number();
+        match &pm.port {
+            None => out.push(vec![Match::Proto(proto)]),
+            Some(PortSpec::Number { port, end }) => {
+                let range = (*port, end.unwrap_or(*port));
+                match numeric.iter_mut().find(|n| n.proto == proto) {
+                    Some(n) => n.ranges.push(range),
+                    None => {
+                        numeric.push(Numeric {
+                            proto,
+                            at: out.len(),
+                            ranges: vec![range],
+                        });
+                        out.push(vec![]);
+                    }
+                }
+            }
+            Some(PortSpec::Named(n)) => {
+                let (name, def) = named_port_set(n, pm.protocol);
+                uses(name.clone(), def);
+                out.push(vec![
+                    Match::Proto(proto),
+                    Match::Set {
+                        name,
+                        dir: SetDir::DstDst,
+                        negate: false,
+                    },
+                ]);
+            }
+        }
+    }
+    // Filled back to front, so that the places recorded above stay right as lines are added.
+    for Numeric { proto, at, ranges } in numeric.into_iter().rev() {
+        let lines: Vec<Vec<Match>> = multiport_chunks(merge_ranges(ranges))
+            .into_iter()
+            .map(|chunk| {
+                let ports = match chunk.as_slice() {
+                    [(lo, hi)] => Match::DPort { lo: *lo, hi: *hi },
+                    _ => Match::DPorts(chunk),
+                };
+                vec![Match::Proto(proto), ports]
+            })
+            .collect();
+        out.splice(at..=at, lines);
+    }
+    out
+}
+
+/// Sorted, with overlapping and adjacent ranges joined.
+fn merge_ranges(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// Ranges cut into groups that each fit one multiport match.
+fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
+    let mut out: Vec<Vec<(u16, u16)>> = vec![];
+    for r in ranges {
+        let fits = out
+            .last()
+            .is_some_and(|c| multiport_slots(c) + multiport_slots(&[r]) <= MULTIPORT_SLOTS);
+        match out.last_mut() {
+            Some(c) if fits => c.push(r),
+            _ => out.push(vec![r]),
+        }
+    }
+    out
+}
+
+/// Whether every packet that passes all of `matches` passes `m` too: `m` is one of them, or
+/// its ports cover the ports one of them asks for (both follow the same `-p`, which must be
+/// implied on its own).
+fn implied(m: &Match, matches: &[Match]) -> bool {
+    let ranges = |m: &Match| match m {
+        Match::DPort { lo, hi } => Some(vec![(*lo, *hi)]),
+        Match::DPorts(r) => Some(r.clone()),
+        _ => None,
+    };
+    match ranges(m) {
+        None => matches.contains(m),
+        Some(outer) => matches.iter().filter_map(ranges).any(|inner| {
+            inner
+                .iter()
+                .all(|(lo, hi)| outer.iter().any(|(olo, ohi)| olo <= lo && hi <= ohi))
+        }),
+    }
+}
+
+/// Drops the rules an earlier one shadows: all of a chain's rules end in the same goto, so a
+/// rule whose matches include all of an earlier rule's can never be the first to match. Two
+/// rules of a policy that allow the same peer on the same port, or a peer on every port and
+/// then on one, cost the kernel a line each otherwise, and with iptables-legacy every line is
+/// copied on every write.
+fn drop_shadowed(rules: Vec<Rule>) -> Vec<Rule> {
+    let mut kept: Vec<Rule> = Vec::with_capacity(rules.len());
+    for r in rules {
+        let shadowed = kept
+            .iter()
+            .any(|k| k.action == r.action && k.matches.iter().all(|m| implied(m, &r.matches)));
+        if !shadowed {
+            kept.push(r);
+        }
+    }
+    kept
 }
 
 #[cfg(test)]

@@ -401,6 +401,9 @@ impl Interpreter {
             Match::Dst { net, negate } => net.contains(&pkt.dst) != *negate,
             Match::Proto(p) => pkt.proto == *p,
             Match::DPort { lo, hi } => pkt.dport.is_some_and(|d| (*lo..=*hi).contains(&d)),
+            Match::DPorts(ranges) => pkt
+                .dport
+                .is_some_and(|d| ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&d))),
             Match::IcmpType { ty, code } => pkt.proto == 1 && pkt.icmp == Some((*ty, *code)),
             Match::Set { name, dir, negate } => {
                 let hit = match self.sets.get(name) {

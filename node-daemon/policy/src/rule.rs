@@ -30,6 +30,30 @@ impl SetDir {
     }
 }
 
+/// Ports one `-m multiport` match can hold (`XT_MULTI_PORTS`).
+pub const MULTIPORT_SLOTS: usize = 15;
+
+/// The slots `ranges` take in a multiport match: a single port one, a range two.
+pub fn multiport_slots(ranges: &[(u16, u16)]) -> usize {
+    ranges.iter().map(|(lo, hi)| if lo == hi { 1 } else { 2 }).sum()
+}
+
+fn port_range(lo: u16, hi: u16) -> String {
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}:{hi}")
+    }
+}
+
+fn parse_port_range(d: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match d.split_once(':') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => (d.parse().ok()?, d.parse().ok()?),
+    };
+    (lo <= hi).then_some((lo, hi))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Match {
     /// `-i name` (a trailing `+` is a prefix wildcard, as in iptables).
@@ -56,6 +80,9 @@ pub enum Match {
         lo: u16,
         hi: u16,
     },
+    /// `-m multiport --dports a,b,lo:hi`; must follow the matching `Proto`. The kernel holds at
+    /// most [`MULTIPORT_SLOTS`] ports, a range taking two.
+    DPorts(Vec<(u16, u16)>),
     /// `-m icmp --icmp-type type/code`.
     IcmpType {
         ty: u8,
@@ -235,12 +262,11 @@ impl Rule {
                     let _ = write!(out, "-p {} ", proto_name(*p));
                 }
                 Match::DPort { lo, hi } => {
-                    let m = proto_name(last_proto);
-                    if lo == hi {
-                        let _ = write!(out, "-m {m} --dport {lo} ");
-                    } else {
-                        let _ = write!(out, "-m {m} --dport {lo}:{hi} ");
-                    }
+                    let _ = write!(out, "-m {} --dport {} ", proto_name(last_proto), port_range(*lo, *hi));
+                }
+                Match::DPorts(ranges) => {
+                    let list: Vec<String> = ranges.iter().map(|(lo, hi)| port_range(*lo, *hi)).collect();
+                    let _ = write!(out, "-m multiport --dports {} ", list.join(","));
                 }
                 Match::IcmpType { ty, code } => {
                     let _ = write!(out, "-m icmp --icmp-type {ty}/{code} ");
@@ -350,14 +376,24 @@ impl Rule {
                                 return Err(err("--dport missing"));
                             }
                             let d = it.next().ok_or_else(|| err("port missing"))?;
-                            let (lo, hi) = match d.split_once(':') {
-                                Some((a, b)) => (a.parse().ok(), b.parse().ok()),
-                                None => (d.parse().ok(), d.parse().ok()),
-                            };
-                            let (Some(lo), Some(hi)) = (lo, hi) else {
-                                return Err(err("bad port"));
-                            };
+                            let (lo, hi) = parse_port_range(d).ok_or_else(|| err("bad port"))?;
                             rule.matches.push(Match::DPort { lo, hi });
+                        }
+                        "multiport" => {
+                            if it.next() != Some("--dports") {
+                                return Err(err("--dports missing"));
+                            }
+                            let ranges = it
+                                .next()
+                                .ok_or_else(|| err("ports missing"))?
+                                .split(',')
+                                .map(parse_port_range)
+                                .collect::<Option<Vec<_>>>()
+                                .ok_or_else(|| err("bad port"))?;
+                            if ranges.is_empty() || multiport_slots(&ranges) > MULTIPORT_SLOTS {
+                                return Err(err("multiport holds 1 to 15 ports"));
+                            }
+                            rule.matches.push(Match::DPorts(ranges));
                         }
                         "icmp" => {
                             if it.next() != Some("--icmp-type") {
@@ -521,6 +557,7 @@ mod tests {
                 },
                 Match::Proto(132),
                 Match::DPort { lo: 80, hi: 90 },
+                Match::DPorts(vec![(443, 443), (8000, 8080)]),
                 Match::Set {
                     name: "warren-s-x".into(),
                     dir: SetDir::DstDst,
@@ -543,7 +580,7 @@ mod tests {
         assert_eq!(
             text,
             "! -s 10.0.0.1/32 -d 10.0.0.0/8 -i cali+ ! -o calia -p sctp -m comment --comment \"a/b ingress 0\" \
-             -m sctp --dport 80:90 -m set ! --match-set warren-s-x dst,dst -m mark ! --mark 0x10000/0x10000 \
+             -m sctp --dport 80:90 -m multiport --dports 443,8000:8080 -m set ! --match-set warren-s-x dst,dst -m mark ! --mark 0x10000/0x10000 \
              -m conntrack --ctstate RELATED,ESTABLISHED -j MARK --set-xmark 0x10000/0x10000"
         );
         let back = Rule::parse(&text).unwrap();
@@ -587,6 +624,11 @@ mod tests {
     fn should_refuse_what_it_does_not_understand() {
         assert!(Rule::parse("-m foo -j ACCEPT").is_err());
         assert!(Rule::parse("-p tcp").is_err());
+        assert!(Rule::parse("-p tcp -m multiport --dports 90:80 -j ACCEPT").is_err());
+        let sixteen: Vec<String> = (1..=16).map(|p| p.to_string()).collect();
+        let text = format!("-p tcp -m multiport --dports {} -j ACCEPT", sixteen.join(","));
+        assert!(Rule::parse(&text).is_err(), "the kernel takes 15 ports at most");
+        assert!(Rule::parse("-p tcp -m multiport --dports 1:2,3,4,5,6,7,8,9,10,11,12,13,14,15 -j ACCEPT").is_ok());
         assert!(Rule::parse("-m comment --comment \"x -j ACCEPT").is_err());
     }
 

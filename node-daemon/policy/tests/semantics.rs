@@ -318,6 +318,68 @@ spec:
 }
 
 #[test]
+fn many_ports_of_one_protocol_share_lines_and_overlapping_rules_share_them_too() {
+    // Sixteen TCP ports, two of them inside a range: more than one multiport match holds.
+    let ports: Vec<String> = [
+        22, 80, 443, 8443, 9090, 9100, 9200, 9300, 9400, 9500, 9600, 9700, 9800, 9900,
+    ]
+    .iter()
+    .map(|p| format!("    - {{port: {p}}}"))
+    .chain([
+        "    - {port: 30000, endPort: 30100}".to_string(),
+        "    - {port: 30050}".to_string(),
+        "    - {port: 30101}".to_string(),
+        "    - {protocol: UDP, port: 53}".to_string(),
+        "    - {protocol: UDP, port: 5353}".to_string(),
+    ])
+    .collect();
+    let yaml = format!(
+        r#"
+metadata: {{name: many, namespace: a}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - ports:
+{}
+  - from: [{{namespaceSelector: {{matchLabels: {{team: b}}}}}}]
+    ports:
+    - {{port: 443}}
+  - from: [{{namespaceSelector: {{matchLabels: {{team: b}}}}}}]
+    ports:
+    - {{port: 443}}
+"#,
+        ports.join("\n")
+    );
+    let c = base().policy(&yaml);
+    for p in [22, 80, 443, 9900, 30000, 30050, 30100, 30101] {
+        assert!(c.allows("b/client", "a/web", tcp(p)), "tcp {p}");
+    }
+    for p in [21, 81, 444, 9901, 29999, 30102] {
+        assert!(!c.allows("b/client", "a/web", tcp(p)), "tcp {p}");
+    }
+    assert!(c.allows("a/client", "a/web", udp(5353)));
+    assert!(!c.allows("a/client", "a/web", udp(80)));
+    assert!(!c.allows("a/client", "a/web", tcp(53)));
+
+    // What the kernel is given: 14 single ports and one range (30000:30101 after merging) take
+    // 16 slots, one more than a multiport match holds, so two TCP lines; one UDP line; and the
+    // rules allowing team b on 443 add nothing, as the first rule allows 443 from everyone.
+    let out = compile(&c.model, &NodeCtx::from_model(&c.model, "node1", "cali").unwrap());
+    let (chain, _) = out
+        .policy_chains
+        .iter()
+        .find(|(_, (p, d))| p.name == "many" && *d == policy::model::Direction::Ingress)
+        .unwrap();
+    let rules = &out.dataplane.chains[&(conf::dataplane::Table::Filter, chain.clone())];
+    assert_eq!(rules.len(), 3, "{rules:#?}");
+    assert!(
+        rules[0].contains("-m multiport --dports 22,80,443,8443,9090,9100,9200,9300,9400,9500,9600,9700,9800,9900 ")
+    );
+    assert!(rules[1].contains("-m tcp --dport 30000:30101 "), "{}", rules[1]);
+    assert!(rules[2].contains("-m multiport --dports 53,5353 "), "{}", rules[2]);
+}
+
+#[test]
 fn named_ports_resolve_per_destination_pod() {
     let c = Cluster::new()
         .pod_with_ports(
