@@ -564,7 +564,7 @@ fn pod_add_job(b: Backend, filler: usize) -> Result<Value> {
     let mut breakdowns = vec![];
     for k in 0..ADDS {
         // A pod number far above the cluster's: a fresh name, address and interface.
-        m.pods.push(cluster::pod(&mut r, 50_000 + k, NODE.to_string()));
+        std::sync::Arc::make_mut(&mut m.pods).push(cluster::pod(&mut r, 50_000 + k, NODE.to_string()));
         let (d, c) = compiled(&mut inc, &m)?;
         let t = Instant::now();
         let rep = w.apply(&d, true)?;

@@ -395,7 +395,12 @@ impl<P: PolicyPod> ModelCache<P> {
             },
         );
         changes.extend(gone.into_iter().map(|k| (k, None)));
-        merge(&mut model.pods, changes, |p| (&p.namespace, &p.name));
+        // Only a change gets a new allocation: the compiler knows the unchanged one by pointer.
+        if !changes.is_empty() {
+            merge(std::sync::Arc::make_mut(&mut model.pods), changes, |p| {
+                (&p.namespace, &p.name)
+            });
+        }
 
         let mut changes = BTreeMap::new();
         let errors = &mut self.errors;
@@ -726,8 +731,7 @@ mod tests {
             .unwrap();
         let fresh = policy::convert::convert(namespaces, pods, policies);
         let mut sorted = fresh.model.clone();
-        sorted
-            .pods
+        std::sync::Arc::make_mut(&mut sorted.pods)
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         sorted.policies.sort_by_key(|p| p.id());
         assert_eq!(cache.model(), &sorted, "{step}: model");

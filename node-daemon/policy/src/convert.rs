@@ -2,6 +2,7 @@
 //! and anything warren cannot enforce reported per policy.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as core;
@@ -40,7 +41,7 @@ pub fn convert(namespaces: &[core::Namespace], pods: &[core::Pod], policies: &[n
             out.model.namespaces.insert(n.name.clone(), n);
         }
     }
-    out.model.pods = pods.iter().filter_map(convert_pod).collect();
+    out.model.pods = Arc::new(pods.iter().filter_map(convert_pod).collect());
     for p in policies {
         match convert_policy(p) {
             Ok(p) => out.model.policies.push(p.into()),

@@ -354,7 +354,10 @@ pub struct PolicyError {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Model {
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: Vec<Pod>,
+    /// Shared so that a pass whose pods did not change hands the compiler the same allocation:
+    /// it then skips its walk over every pod. Change it through `Arc::make_mut`, which never
+    /// edits in place an allocation the compiler has seen.
+    pub pods: Arc<Vec<Pod>>,
     /// Shared for the same reason as a pod's labels: an unchanged policy is the same allocation.
     pub policies: Vec<Arc<Policy>>,
 }

@@ -205,7 +205,7 @@ fn model() -> impl Strategy<Value = Model> {
                 (name.clone(), Namespace { name, labels })
             })
             .collect(),
-        pods,
+        pods: Arc::new(pods),
         policies: policies.into_iter().map(Arc::new).collect(),
     })
 }
@@ -280,7 +280,7 @@ proptest! {
         prop_assert_eq!(&a.dataplane, &b.dataplane);
         // Object order does not matter either (the API lists objects in no fixed order).
         let mut reordered = m.clone();
-        reordered.pods.reverse();
+        Arc::make_mut(&mut reordered.pods).reverse();
         reordered.policies.reverse();
         let c = compile(&reordered, &ctx);
         prop_assert_eq!(&a.dataplane, &c.dataplane);
@@ -339,7 +339,7 @@ proptest! {
 /// `None` when nothing is repeated; else also how many policy definitions were dropped.
 fn without_repeats(m: &Model) -> Option<(Model, usize)> {
     let mut pods: BTreeMap<(&str, &str), &Pod> = BTreeMap::new();
-    for p in &m.pods {
+    for p in m.pods.iter() {
         pods.insert((&p.namespace, &p.name), p);
     }
     let mut seen = BTreeSet::new();
@@ -355,7 +355,7 @@ fn without_repeats(m: &Model) -> Option<(Model, usize)> {
     let dropped = m.policies.len() - policies.len();
     let once = Model {
         namespaces: m.namespaces.clone(),
-        pods: pods.into_values().cloned().collect(),
+        pods: Arc::new(pods.into_values().cloned().collect()),
         policies,
     };
     Some((once, dropped))
@@ -415,7 +415,7 @@ impl NodeState {
             };
             let one = Model {
                 namespaces: BTreeMap::new(),
-                pods: vec![pod],
+                pods: Arc::new(vec![pod]),
                 policies: vec![],
             };
             let w = NodeCtx::from_model(&one, "n1", self.iface_prefix)
@@ -513,14 +513,20 @@ fn edit() -> impl Strategy<Value = Edit> {
 
 fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
     match e {
-        Edit::Pod(i, p) => match m.pods.iter_mut().find(|x| x.name == format!("pod{i}")) {
+        Edit::Pod(i, p) => match Arc::make_mut(&mut m.pods)
+            .iter_mut()
+            .find(|x| x.name == format!("pod{i}"))
+        {
             Some(x) => *x = p,
-            None => m.pods.push(p),
+            None => Arc::make_mut(&mut m.pods).push(p),
         },
-        Edit::DropPod(i) => m.pods.retain(|x| x.name != format!("pod{i}")),
+        Edit::DropPod(i) => Arc::make_mut(&mut m.pods).retain(|x| x.name != format!("pod{i}")),
         Edit::ReuseIp(i, j) => {
             let ip = m.pods.iter().find(|x| x.name == format!("pod{j}")).and_then(|x| x.ip);
-            if let Some(x) = m.pods.iter_mut().find(|x| x.name == format!("pod{i}")) {
+            if let Some(x) = Arc::make_mut(&mut m.pods)
+                .iter_mut()
+                .find(|x| x.name == format!("pod{i}"))
+            {
                 x.ip = ip;
             }
         }
@@ -542,12 +548,12 @@ fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
             let name = format!("ns{i}");
             m.namespaces.insert(name.clone(), Namespace { name, labels });
         }
-        Edit::ReversePods => m.pods.reverse(),
+        Edit::ReversePods => Arc::make_mut(&mut m.pods).reverse(),
         Edit::ReversePolicies => m.policies.reverse(),
         Edit::RotatePods(k) => {
             if !m.pods.is_empty() {
                 let k = k % m.pods.len();
-                m.pods.rotate_left(k);
+                Arc::make_mut(&mut m.pods).rotate_left(k);
             }
         }
         Edit::DupPod { i, changed, at } => {
@@ -563,7 +569,7 @@ fn apply_edit(m: &mut Model, node: &mut NodeState, e: Edit) {
                 None => orig.clone(),
             };
             let at = at % (m.pods.len() + 1);
-            m.pods.insert(at, dup);
+            Arc::make_mut(&mut m.pods).insert(at, dup);
         }
         Edit::DupPolicy { i, changed, at } => {
             let Some(orig) = m.policies.iter().find(|x| x.name == format!("p{i}")) else {

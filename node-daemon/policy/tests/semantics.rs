@@ -520,8 +520,11 @@ spec:
 
     // Pod relabel.
     let mut r = c.clone();
-    r.model.pods.iter_mut().find(|p| p.name == "other").unwrap().labels =
-        std::sync::Arc::new([("app".into(), "client".into())].into());
+    std::sync::Arc::make_mut(&mut r.model.pods)
+        .iter_mut()
+        .find(|p| p.name == "other")
+        .unwrap()
+        .labels = std::sync::Arc::new([("app".into(), "client".into())].into());
     assert!(r.allows("b/other", "a/web", tcp(80)));
 
     // Namespace relabel.
@@ -536,7 +539,7 @@ spec:
 
     // IP reuse: b/client is deleted and its IP goes to a new pod with other labels.
     let mut r = c.clone();
-    r.model.pods.retain(|p| !(p.namespace == "b" && p.name == "client"));
+    std::sync::Arc::make_mut(&mut r.model.pods).retain(|p| !(p.namespace == "b" && p.name == "client"));
     let r = r.pod("b/newcomer", &[("app", "x")], "10.233.96.11", "node2");
     assert!(!r.allows("b/newcomer", "a/web", tcp(80)));
 

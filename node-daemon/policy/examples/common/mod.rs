@@ -111,7 +111,7 @@ pub fn cluster(pods: usize, policies: usize) -> Model {
     }
     for i in 0..pods {
         let p = pod(&mut r, i, format!("node{}", i / PODS_PER_NODE));
-        m.pods.push(p);
+        std::sync::Arc::make_mut(&mut m.pods).push(p);
     }
     for k in 0..policies {
         let ns = format!("ns{}", r.next(NAMESPACES as u64));

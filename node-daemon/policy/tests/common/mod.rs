@@ -79,7 +79,7 @@ impl Cluster {
         if !self.model.namespaces.contains_key(ns) {
             self = self.ns(ns, &[]);
         }
-        self.model.pods.push(Pod {
+        std::sync::Arc::make_mut(&mut self.model.pods).push(Pod {
             namespace: ns.into(),
             name: name.into(),
             labels: labels(l).into(),
