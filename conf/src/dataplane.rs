@@ -2,6 +2,7 @@
 //! applies: ipsets and iptables chains owned by warren, plus the single jumps that hook them into
 //! the built-in chains. Pure data; rules are already rendered as `iptables` arguments.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -62,16 +63,26 @@ pub struct DesiredDataplane {
 
 impl DesiredDataplane {
     /// Adds another part's state; a name both define is a programming error, reported by name.
-    pub fn merge(&mut self, other: DesiredDataplane) -> Result<(), String> {
+    pub fn merge(&mut self, mut other: DesiredDataplane) -> Result<(), String> {
+        // The smaller map goes into the larger: the overlay's few entries into the policies'
+        // thousands, not the reverse, on every pass.
+        if self.ipsets.len() < other.ipsets.len() {
+            std::mem::swap(&mut self.ipsets, &mut other.ipsets);
+        }
+        if self.chains.len() < other.chains.len() {
+            std::mem::swap(&mut self.chains, &mut other.chains);
+        }
         for (k, v) in other.ipsets {
-            if self.ipsets.insert(k.clone(), v).is_some() {
-                return Err(format!("ipset {k} defined twice"));
-            }
+            match self.ipsets.entry(k) {
+                Entry::Occupied(e) => return Err(format!("ipset {} defined twice", e.key())),
+                Entry::Vacant(e) => e.insert(v),
+            };
         }
         for (k, v) in other.chains {
-            if self.chains.insert(k.clone(), v).is_some() {
-                return Err(format!("chain {} in {} defined twice", k.1, k.0.name()));
-            }
+            match self.chains.entry(k) {
+                Entry::Occupied(e) => return Err(format!("chain {} in {} defined twice", e.key().1, e.key().0.name())),
+                Entry::Vacant(e) => e.insert(v),
+            };
         }
         self.hooks.extend(other.hooks);
         Ok(())
@@ -91,6 +102,14 @@ mod tests {
         b.chains.insert((Table::Nat, "WARREN-A".into()), Arc::default());
         a.merge(b.clone()).unwrap();
         assert_eq!(a.chains.len(), 2);
-        assert!(a.merge(b).unwrap_err().contains("WARREN-A"));
+        assert!(a.merge(b.clone()).unwrap_err().contains("WARREN-A"));
+        // Merged either way round: the larger side is kept and the smaller goes into it.
+        let mut small = DesiredDataplane::default();
+        small.chains.insert((Table::Filter, "WARREN-B".into()), Arc::default());
+        small.ipsets.insert("warren-x".into(), Arc::default());
+        small.merge(a.clone()).unwrap();
+        assert_eq!(small.chains.len(), 3);
+        assert_eq!(small.ipsets.len(), 1);
+        assert!(small.merge(b).unwrap_err().contains("WARREN-A"));
     }
 }
