@@ -667,11 +667,11 @@ fn dst_spec(members: &BTreeMap<Ipv4Addr, u32>) -> Arc<IpSetSpec> {
     })
 }
 
-/// A local workload: itself, whether its pod is in the model, its address, its groups.
 /// (namespace, shape's address) → the policies selecting such pods, per direction. Valid for
 /// one pass: the shapes it points at are alive in slots for all of it.
 type SelectMemo = HashMap<(Id, usize), [Vec<Id>; 2]>;
 
+/// A local workload: itself, whether its pod is in the model, its address, its groups.
 type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Option<Id>; 2]);
 
 fn shape_hash(labels: &Labels, ports: &[NamedPort]) -> u64 {
