@@ -2038,19 +2038,18 @@ fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
 /// its ports cover the ports one of them asks for (both follow the same `-p`, which must be
 /// implied on its own).
 fn implied(m: &Match, matches: &[Match]) -> bool {
-    let ranges = |m: &Match| match m {
-        Match::DPort { lo, hi } => Some(vec![(*lo, *hi)]),
-        Match::DPorts(r) => Some(r.clone()),
-        _ => None,
+    // Whether `m`'s ports include lo..=hi.
+    let holds = |lo: u16, hi: u16| match m {
+        Match::DPort { lo: a, hi: b } => *a <= lo && hi <= *b,
+        Match::DPorts(r) => r.iter().any(|(a, b)| *a <= lo && hi <= *b),
+        _ => false,
     };
-    match ranges(m) {
-        None => matches.contains(m),
-        Some(outer) => matches.iter().filter_map(ranges).any(|inner| {
-            inner
-                .iter()
-                .all(|(lo, hi)| outer.iter().any(|(olo, ohi)| olo <= lo && hi <= ohi))
-        }),
-    }
+    matches.iter().any(|x| match x {
+        _ if x == m => true,
+        Match::DPort { lo, hi } => holds(*lo, *hi),
+        Match::DPorts(r) => r.iter().all(|(lo, hi)| holds(*lo, *hi)),
+        _ => false,
+    })
 }
 
 /// Drops the rules an earlier one shadows: all of a chain's rules end in the same goto, so a

@@ -380,6 +380,35 @@ spec:
 }
 
 #[test]
+fn a_rule_whose_ports_an_earlier_rule_covers_only_in_part_still_allows_the_rest() {
+    let c = base().policy(
+        r#"
+metadata: {name: partly, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {team: b}}}]
+    ports: [{port: 80}]
+  - from: [{namespaceSelector: {matchLabels: {team: b}}}]
+    ports: [{port: 80}, {port: 443}]
+  - from: [{namespaceSelector: {matchLabels: {team: b}}}]
+    ports: [{port: 80}, {port: 443}]
+"#,
+    );
+    assert!(c.allows("b/client", "a/web", tcp(80)));
+    assert!(
+        c.allows("b/client", "a/web", tcp(443)),
+        "443 comes from the second rule only"
+    );
+    assert!(!c.allows("b/client", "a/web", tcp(8080)));
+    // The third rule repeats the second: two lines, not three.
+    let out = compile(&c.model, &NodeCtx::from_model(&c.model, "node1", "cali").unwrap());
+    let (chain, _) = out.policy_chains.iter().find(|(_, (p, _))| p.name == "partly").unwrap();
+    let rules = &out.dataplane.chains[&(conf::dataplane::Table::Filter, chain.clone())];
+    assert_eq!(rules.len(), 2, "{rules:#?}");
+}
+
+#[test]
 fn named_ports_resolve_per_destination_pod() {
     let c = Cluster::new()
         .pod_with_ports(
