@@ -317,6 +317,17 @@ spec:
     assert!(!c.allows("b/client", "a/web", None), "ICMP echo is not in a ports list");
 }
 
+/// The lines of policy `name`'s ingress chain, as node1 compiles them.
+fn ingress_lines(c: &Cluster, name: &str) -> Vec<String> {
+    let out = compile(&c.model, &NodeCtx::from_model(&c.model, "node1", "cali").unwrap());
+    let (chain, _) = out
+        .policy_chains
+        .iter()
+        .find(|(_, (p, d))| p.name == name && *d == policy::model::Direction::Ingress)
+        .unwrap();
+    out.dataplane.chains[&(conf::dataplane::Table::Filter, chain.clone())].to_vec()
+}
+
 #[test]
 fn many_ports_of_one_protocol_share_lines_and_overlapping_rules_share_them_too() {
     // Sixteen TCP ports, two of them inside a range: more than one multiport match holds.
@@ -364,13 +375,7 @@ spec:
     // What the kernel is given: 14 single ports and one range (30000:30101 after merging) take
     // 16 slots, one more than a multiport match holds, so two TCP lines; one UDP line; and the
     // rules allowing team b on 443 add nothing, as the first rule allows 443 from everyone.
-    let out = compile(&c.model, &NodeCtx::from_model(&c.model, "node1", "cali").unwrap());
-    let (chain, _) = out
-        .policy_chains
-        .iter()
-        .find(|(_, (p, d))| p.name == "many" && *d == policy::model::Direction::Ingress)
-        .unwrap();
-    let rules = &out.dataplane.chains[&(conf::dataplane::Table::Filter, chain.clone())];
+    let rules = ingress_lines(&c, "many");
     assert_eq!(rules.len(), 3, "{rules:#?}");
     assert!(
         rules[0].contains("-m multiport --dports 22,80,443,8443,9090,9100,9200,9300,9400,9500,9600,9700,9800,9900 ")
@@ -402,9 +407,7 @@ spec:
     );
     assert!(!c.allows("b/client", "a/web", tcp(8080)));
     // The third rule repeats the second: two lines, not three.
-    let out = compile(&c.model, &NodeCtx::from_model(&c.model, "node1", "cali").unwrap());
-    let (chain, _) = out.policy_chains.iter().find(|(_, (p, _))| p.name == "partly").unwrap();
-    let rules = &out.dataplane.chains[&(conf::dataplane::Table::Filter, chain.clone())];
+    let rules = ingress_lines(&c, "partly");
     assert_eq!(rules.len(), 2, "{rules:#?}");
 }
 
