@@ -399,9 +399,14 @@ fn sync_job(b: Backend, pods: usize, pols: usize, edits: usize) -> Result<Value>
     ensure!(!rep.changed.is_empty(), "the cold sync wrote nothing");
     if let Some(dir) = std::env::var_os("WARREN_BENCH_DUMP") {
         let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let save = |cmd: &str, args: &[&str], file: String| -> Result<()> {
-            let out = Command::new(cmd).args(args).output()?;
-            std::fs::write(dir.join(file), out.stdout)?;
+            let out = Command::new(cmd)
+                .args(args)
+                .output()
+                .with_context(|| format!("running {cmd}"))?;
+            let path = dir.join(file);
+            std::fs::write(&path, out.stdout).with_context(|| format!("writing {}", path.display()))?;
             Ok(())
         };
         save(

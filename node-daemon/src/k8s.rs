@@ -5,7 +5,8 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
@@ -21,6 +22,44 @@ use crate::block::{ClaimError, NodeClaim, NodeStore};
 use crate::metrics::Metrics;
 use crate::routes::NodeInfo;
 use conf::daemon::BLOCK_ANNOTATION;
+
+/// Watch events not yet compiled: they wake the main loop, and the arrival of the oldest is kept
+/// so that a pass can tell how long an event waited until the dataplane had it.
+#[derive(Default)]
+pub struct Changes {
+    notify: Notify,
+    oldest: Mutex<Option<Instant>>,
+}
+
+impl Changes {
+    /// Records one event.
+    pub fn poke(&self) {
+        self.oldest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+        self.notify.notify_one();
+    }
+
+    /// Waits for an event (one that came while nobody waited counts as well).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The arrival of the oldest event not taken yet; a pass takes it before it reads the stores,
+    /// so an event that comes during the pass is timed by the next one.
+    pub fn take_oldest(&self) -> Option<Instant> {
+        self.oldest.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// How long an event-driven pass waits before it starts: not at all after a quiet spell (one
+/// policy edit is programmed at once), else until `min_interval` after the previous pass
+/// started, so that a burst of events (a Deployment scaling, a relist) costs at most one pass
+/// per interval, like kube-proxy's `minSyncPeriod`.
+pub fn pass_delay(previous_start: Option<Instant>, now: Instant, min_interval: Duration) -> Duration {
+    previous_start.map_or(Duration::ZERO, |p| (p + min_interval).saturating_duration_since(now))
+}
 
 /// A reflected kind: its store, whether its initial list is complete, and a notifier poked on
 /// every change.
@@ -39,7 +78,7 @@ where
 /// Each object goes through `strip` before it is stored: the store keeps only what the daemon
 /// reads (managedFields are dropped for every kind). Pods are best reflected as
 /// [`SlimPod`](crate::slim_pod::SlimPod)s, which never deserialize more than that.
-pub fn reflect<K>(api: Api<K>, changed: Arc<Notify>, metrics: Arc<Metrics>, strip: fn(&mut K)) -> Reflected<K>
+pub fn reflect<K>(api: Api<K>, changed: Arc<Changes>, metrics: Arc<Metrics>, strip: fn(&mut K)) -> Reflected<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone + Default + Send + Sync,
@@ -60,10 +99,10 @@ where
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     flag.store(true, Ordering::Release);
-                    changed.notify_one();
+                    changed.poke();
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => changed.notify_one(),
+                Ok(_) => changed.poke(),
                 Err(e) => {
                     Metrics::inc(&metrics.api_errors);
                     tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %e, "watch failed; retrying with backoff");
@@ -170,7 +209,6 @@ mod tests {
     use kube::api::DeleteParams;
     use kube::config::{KubeConfigOptions, Kubeconfig};
     use serde_json::json;
-    use std::time::Duration;
 
     async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         for _ in 0..100 {
@@ -225,9 +263,10 @@ mod tests {
         };
         pods.create(&PostParams::default(), &pod("listed")).await.unwrap();
 
+        let changes = Arc::new(Changes::default());
         let reflected = reflect(
             Api::<SlimPod>::all(client.clone()),
-            Arc::new(Notify::new()),
+            changes.clone(),
             Arc::new(Metrics::default()),
             keep_all,
         );
@@ -244,8 +283,14 @@ mod tests {
         assert_eq!(spec.node_name.as_deref(), Some("node1"));
         assert_eq!(spec.containers[0].ports[0].container_port, 8080);
 
+        // The list's end is an event, so the first pass runs; what it took is gone.
+        assert!(changes.take_oldest().is_some());
+        assert!(changes.take_oldest().is_none());
+        let before = Instant::now();
         pods.create(&PostParams::default(), &pod("watched")).await.unwrap();
         eventually("a pod added", || get("watched").is_some()).await;
+        let oldest = changes.take_oldest().expect("a watch event is recorded");
+        assert!(oldest >= before);
         pods.patch_status(
             "watched",
             &PatchParams::default(),
@@ -264,5 +309,50 @@ mod tests {
         pods.delete("listed", &DeleteParams::default()).await.unwrap();
         eventually("a pod deleted", || get("listed").is_none()).await;
         server.shutdown().await;
+    }
+
+    #[test]
+    fn should_start_a_pass_at_once_after_a_quiet_spell_and_space_out_a_burst() {
+        let min = Duration::from_millis(50);
+        let t0 = Instant::now();
+        assert_eq!(
+            pass_delay(None, t0, min),
+            Duration::ZERO,
+            "the first pass waits for nothing"
+        );
+        let later = t0 + Duration::from_millis(200);
+        assert_eq!(
+            pass_delay(Some(t0), later, min),
+            Duration::ZERO,
+            "an edit after a quiet spell"
+        );
+        let soon = t0 + Duration::from_millis(20);
+        assert_eq!(
+            pass_delay(Some(t0), soon, min),
+            Duration::from_millis(30),
+            "a burst's next event"
+        );
+        assert_eq!(pass_delay(Some(t0), t0 + min, min), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn should_keep_the_oldest_event_until_a_pass_takes_it() {
+        let c = Changes::default();
+        assert!(c.take_oldest().is_none());
+        c.poke();
+        let first = c.take_oldest().expect("one event");
+        c.poke();
+        std::thread::sleep(Duration::from_millis(2));
+        c.poke();
+        let second = c.take_oldest().expect("two more events");
+        assert!(second >= first);
+        assert!(
+            second.elapsed() >= Duration::from_millis(2),
+            "the older of the two is kept"
+        );
+        // Pokes before anyone waits are not lost: the waiter returns at once.
+        tokio::time::timeout(Duration::from_secs(1), c.wait())
+            .await
+            .expect("a poke made while nobody waited wakes the next wait");
     }
 }

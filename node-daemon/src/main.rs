@@ -27,10 +27,10 @@ use node_daemon::slim_pod::SlimPod;
 use node_daemon::writer::{backend, ExecRunner, Writer};
 use node_daemon::{cniconf, health};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Notify;
 
-/// Pause after a watch event before compiling, so that a burst of events costs one pass.
-const POLICY_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Least time between the starts of two event-driven passes: an event after a quiet spell is
+/// compiled at once, a burst of events costs at most one pass per interval.
+const PASS_MIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Quiet time after a make-before-break write before its leftovers are removed.
 const TIDY_DELAY: Duration = Duration::from_secs(1);
 
@@ -241,7 +241,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
     );
 
-    let changed = Arc::new(Notify::new());
+    let changed = Arc::new(k8s::Changes::default());
     let nodes = k8s::reflect(nodes_api, changed.clone(), metrics.clone(), k8s::keep_all);
     // Pods are read as `SlimPod`s (the same /api/v1/pods list and watch): whole Pods in the
     // store would be most of the daemon's memory at 10 000 pods (issue 5).
@@ -278,6 +278,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // When to remove what make-before-break writes left (dead rules, stale chains and sets): once
     // events have been quiet for TIDY_DELAY, so bursts of changes pay no deletions.
     let mut tidy_at: Option<tokio::time::Instant> = None;
+    let mut last_pass: Option<std::time::Instant> = None;
     loop {
         let tidy_due = async move {
             match tidy_at {
@@ -295,10 +296,12 @@ async fn run(args: RunArgs) -> Result<()> {
                 }
                 continue;
             }
-            _ = changed.notified() => {
-                // Debounce: a burst of watch events (a Deployment scaling, a relist) becomes one
-                // compile; events during the pause leave a permit for one more pass.
-                tokio::time::sleep(POLICY_DEBOUNCE).await;
+            _ = changed.wait() => {
+                // Events during the pause or the pass leave a permit for one more pass.
+                let wait = k8s::pass_delay(last_pass, std::time::Instant::now(), PASS_MIN_INTERVAL);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 false
             }
             _ = tick.tick() => true,
@@ -311,6 +314,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 return Ok(());
             }
         };
+        last_pass = Some(std::time::Instant::now());
+        // Taken before the stores are read: an event that lands later is timed by the next pass.
+        let oldest_event = changed.take_oldest();
         // Nothing is programmed (and nothing swept) before the first complete Node list: a
         // restart keeps the old state until the new one is known.
         if !nodes.synced.load(std::sync::atomic::Ordering::Acquire) {
@@ -422,6 +428,9 @@ async fn run(args: RunArgs) -> Result<()> {
                     }
                 }
                 if o.routes_changed > 0 || !o.dataplane_changed.is_empty() {
+                    if let Some(t) = oldest_event {
+                        metrics.event_programmed(t.elapsed());
+                    }
                     tracing::info!(routes = o.routes, routes_changed = o.routes_changed, dataplane = ?o.dataplane_changed, "synced");
                 }
                 if !status_set {

@@ -36,6 +36,10 @@ pub struct Metrics {
     pub pod_programmed_micros_total: AtomicU64,
     pub pod_programmed_micros_last: AtomicU64,
     pub pod_seen_to_programmed_micros_last: AtomicU64,
+    /// Event-driven passes that changed the dataplane, and their event → programmed times.
+    pub event_passes: AtomicU64,
+    pub event_to_programmed_micros_total: AtomicU64,
+    pub event_to_programmed_micros_last: AtomicU64,
     /// Local addresses whose conntrack entries were deleted after their pod went away.
     pub conntrack_flushes: AtomicU64,
     pub conntrack_flush_errors: AtomicU64,
@@ -44,6 +48,15 @@ pub struct Metrics {
 impl Metrics {
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one event-driven pass that changed the dataplane, `waited` after its oldest event.
+    pub fn event_programmed(&self, waited: std::time::Duration) {
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.event_to_programmed_micros_last.store(micros, Ordering::Relaxed);
+        self.event_to_programmed_micros_total
+            .fetch_add(micros, Ordering::Relaxed);
+        Self::inc(&self.event_passes);
     }
 
     pub fn render(&self) -> String {
@@ -231,6 +244,24 @@ impl Metrics {
             "From this daemon seeing the pod with its IP to its chains being programmed, last pod.",
             secs(&self.pod_seen_to_programmed_micros_last).to_string(),
         );
+        metric(
+            "warren_event_programmed_passes_total",
+            "counter",
+            "Passes started by watch events that changed the dataplane (routes, rules or sets).",
+            g(&self.event_passes).to_string(),
+        );
+        metric(
+            "warren_event_to_programmed_seconds_total",
+            "counter",
+            "Sum over those passes of the time from the oldest event a pass took to its changes being in the kernel.",
+            secs(&self.event_to_programmed_micros_total).to_string(),
+        );
+        metric(
+            "warren_event_to_programmed_last_seconds",
+            "gauge",
+            "Watch event to programmed, for the last pass that changed the dataplane.",
+            secs(&self.event_to_programmed_micros_last).to_string(),
+        );
         s
     }
 }
@@ -248,5 +279,11 @@ mod tests {
         assert!(t.contains("# TYPE warren_drift_repairs_total counter\nwarren_drift_repairs_total 1\n"));
         assert!(t.contains("warren_route_sync_seconds_total 1.5\n"));
         assert!(t.contains("warren_ready 0\n"));
+        m.event_programmed(std::time::Duration::from_millis(25));
+        m.event_programmed(std::time::Duration::from_millis(5));
+        let t = m.render();
+        assert!(t.contains("warren_event_programmed_passes_total 2\n"));
+        assert!(t.contains("warren_event_to_programmed_seconds_total 0.03\n"));
+        assert!(t.contains("warren_event_to_programmed_last_seconds 0.005\n"));
     }
 }
