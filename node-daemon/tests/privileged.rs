@@ -324,6 +324,47 @@ fn should_write_repair_and_sweep_with_iptables_legacy() {
     writer_scenario(Backend::legacy());
 }
 
+/// A policy edit that replaces one rule of a chain, between resyncs, right after the chain was
+/// written (no read-back since): it reaches the kernel, and the next resync reads it as written.
+/// With iptables-legacy the first read of a written chain is how the save prints it; a change
+/// of the rules in between must not pass for that.
+fn edit_before_read_back(backend: Backend) {
+    let ns = Netns::new("ed");
+    let save = backend.save;
+    let mut w = Writer::new(ExecRunner::in_netns(&ns.0), backend);
+    w.apply(&desired(), true).unwrap();
+    w.read_back = false;
+    let mut edited = desired();
+    edited.chains.insert(
+        (Table::Filter, "WARREN-FORWARD".into()),
+        std::sync::Arc::new(vec![
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+            "-m set --match-set warren-extra dst -p tcp --dport 8080 -m comment --comment \"allow web\" -j ACCEPT"
+                .into(),
+            "-m set --match-set warren-extra-l dst -p tcp --dport 443 -j ACCEPT".into(),
+        ]),
+    );
+    let r = w.apply(&edited, true).unwrap();
+    assert_eq!(r.changed, vec!["chain filter/WARREN-FORWARD".to_string()]);
+    let filter = ns.exec(&[save, "-t", "filter"]);
+    assert!(filter.contains("--dport 8080"), "{filter}");
+    w.tidy().unwrap();
+    w.read_back = true;
+    let r = w.apply(&edited, true).unwrap();
+    assert!(r.changed.is_empty() && r.drifted.is_empty(), "{r:?}");
+    assert!(ns.exec(&[save, "-t", "filter"]).contains("--dport 8080"));
+}
+
+#[test]
+fn should_write_an_edit_made_before_any_read_back_with_iptables_legacy() {
+    edit_before_read_back(Backend::legacy());
+}
+
+#[test]
+fn should_write_an_edit_made_before_any_read_back_with_iptables_nft() {
+    edit_before_read_back(Backend::nft());
+}
+
 #[test]
 fn should_detect_the_backend_holding_kube_proxy_chains() {
     let ns = Netns::new("be");

@@ -221,8 +221,8 @@ pub struct ChainForms {
     pub marks: ChainMarks,
     /// Per chain: (fingerprint of the rules warren wrote, fingerprint of the rules as read).
     printed: BTreeMap<String, (u64, u64)>,
-    /// Chains written and not read back since.
-    unread: BTreeSet<String>,
+    /// Chains written and not read back since, with the fingerprint of the rules written.
+    unread: BTreeMap<String, u64>,
 }
 
 impl ChainForms {
@@ -244,9 +244,9 @@ impl ChainForms {
             self.printed.insert(chain.clone(), *fp);
         }
         if written {
-            for chain in &plan.written {
+            for (chain, fp) in plan.written.iter().zip(&plan.written_fingerprints) {
                 self.printed.remove(chain);
-                self.unread.insert(chain.clone());
+                self.unread.insert(chain.clone(), *fp);
             }
         }
     }
@@ -272,7 +272,11 @@ impl ChainForms {
         if self.printed.get(chain) == Some(&fp) {
             return true;
         }
-        if self.unread.contains(chain) {
+        // Read for the first time since warren wrote it: the save's form of what was written,
+        // but only while warren still wants what it wrote. Rules changed since (a policy edit
+        // that keeps the rule count) are no print form: compared against the last apply instead
+        // of the kernel, they would otherwise be taken as written and never reach it.
+        if self.unread.get(chain) == Some(&fp.0) {
             learned.push((chain.to_string(), fp));
             return true;
         }
@@ -334,6 +338,8 @@ pub struct TablePlan {
     pub changed: Vec<String>,
     /// The chains the restore creates or rewrites.
     pub written: Vec<String>,
+    /// Per chain of `written`, the fingerprint of the rules it holds as written.
+    pub written_fingerprints: Vec<u64>,
     /// With [`ChainMarks::Content`]: how chains written earlier and read back now print
     /// (for [`ChainForms::record`]).
     pub learned: Vec<(String, (u64, u64))>,
@@ -353,6 +359,7 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
     let mut body = Vec::new();
     let mut changed = Vec::new();
     let mut written = Vec::new();
+    let mut written_fingerprints = Vec::new();
     let mut learned = Vec::new();
     let tname = table.name();
 
@@ -380,6 +387,7 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
         };
         // Declaring a chain in a --noflush restore creates it or flushes it: the rewrite is atomic.
         decls.push(format!(":{chain} - [0:0]"));
+        written_fingerprints.push(fingerprint(lines.iter().map(String::as_str)));
         body.extend(lines.into_iter().map(|l| format!("-A {chain} {l}")));
         changed.push(format!("chain {tname}/{chain}"));
         written.push(chain.clone());
@@ -464,6 +472,7 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
         restore: out,
         changed,
         written,
+        written_fingerprints,
         learned,
     }
 }
@@ -493,11 +502,13 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
     let mut inserts = Vec::new();
     let mut changed = Vec::new();
     let mut written = Vec::new();
+    let mut written_fingerprints = Vec::new();
     for (chain, rules) in desired {
         let rules: &Vec<String> = rules.borrow();
         let hashes = rule_hashes(chain, rules);
         let lines = rules.iter().zip(&hashes).map(|(r, h)| tagged(h, r));
         written.push(chain.clone());
+        written_fingerprints.push(fingerprint(rules.iter().map(String::as_str)));
         if exists(chain) {
             // Inserted at the head in reverse order. Without a rule number iptables-nft needs no
             // rule cache for the chain (measured: 4 ms less per batch, more in a large table).
@@ -525,6 +536,7 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
         restore: out,
         changed,
         written,
+        written_fingerprints,
         learned: Vec::new(),
     }
 }
@@ -851,5 +863,55 @@ mod tests {
             plan_table(Table::Filter, &exact, &[], &as_is, false, &fresh),
             TablePlan::default()
         );
+    }
+
+    /// A chain written and not read back since is taken as the save prints it only while warren
+    /// still wants what it wrote: rules changed since (a policy edit that keeps the rule count)
+    /// are written, whether the plan compares against the kernel or against the last apply.
+    #[test]
+    fn should_write_a_chain_changed_since_it_was_written_before_any_read_back() {
+        let chain = |port: u16| {
+            let mut m = BTreeMap::new();
+            m.insert(
+                "WARREN-P".to_string(),
+                vec![
+                    "-m comment --comment \"a/web ingress 0\" -m set --match-set s src -g WARREN-ALLOW".to_string(),
+                    format!("-p tcp -m tcp --dport {port} -g WARREN-ALLOW"),
+                ],
+            );
+            m
+        };
+        let (old, new) = (chain(80), chain(20000));
+        let mut forms = ChainForms::new(ChainMarks::Content);
+        let plan = plan_table(Table::Filter, &old, &[], &SavedTable::default(), false, &forms);
+        forms.record(&plan, true, None);
+
+        // The kernel, read back, still holds the old rules...
+        let kernel = parse_save(
+            ":WARREN-P - [0:0]\n-A WARREN-P -m comment --comment \"a/web ingress 0\" -m set --match-set s src -g WARREN-ALLOW\n\
+             -A WARREN-P -p tcp -m tcp --dport 80 -g WARREN-ALLOW\n",
+        );
+        let plan = plan_table(Table::Filter, &new, &[], &kernel, true, &forms);
+        assert_eq!(plan.changed, ["chain filter/WARREN-P"]);
+        assert!(plan.learned.is_empty(), "{:?}", plan.learned);
+        // ...or the last apply stands for it, between resyncs.
+        let last: BTreeMap<(Table, String), Arc<Vec<String>>> = old
+            .iter()
+            .map(|(c, r)| ((Table::Filter, c.clone()), Arc::new(r.clone())))
+            .collect();
+        let as_last = as_written(Table::Filter, &last, &BTreeSet::new(), ChainMarks::Content);
+        let plan = plan_table(Table::Filter, &new, &[], &as_last, true, &forms);
+        assert_eq!(plan.changed, ["chain filter/WARREN-P"]);
+        assert!(plan.restore.contains("--dport 20000"), "{}", plan.restore);
+        forms.record(&plan, true, None);
+
+        // What was written last is still taken as it reads the first time.
+        let printed = parse_save(
+            ":WARREN-P - [0:0]\n-A WARREN-P -m comment --comment \"a/web ingress 0\" -m set --match-set s src -g WARREN-ALLOW\n\
+             -A WARREN-P -p tcp -m tcp --dport 20000 -m comment --comment \"printed its own way\" -g WARREN-ALLOW\n",
+        );
+        let plan = plan_table(Table::Filter, &new, &[], &printed, true, &forms);
+        assert!(plan.restore.is_empty(), "{}", plan.restore);
+        assert_eq!(plan.learned.len(), 1);
     }
 }
