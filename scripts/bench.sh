@@ -5,6 +5,7 @@
 #   BENCH_COUNT  ADD/DEL per plugin for bench-cni (default 1000)
 #   SOAK_CYCLES  ADD/DEL cycles for soak-cni (default 10000)
 #   POLICY_EDITS policy edits per size for policy_writer_bench (default 20)
+#   LATENCY_EDITS policy edits per backend for policy_latency_bench (default 30)
 #   CONNRATE_SECONDS seconds per phase for bench-connrate (default 10)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +39,9 @@ echo "== warren-node per-pass model + compile at 10 000 pods / 1 000 policies: p
 
 echo "== policy writer (real iptables/ipset, throw-away netns): sizes, edit latency, pod add at ~100 000 rules"
 "$target/release/examples/policy_writer_bench" --edits "${POLICY_EDITS:-20}" --out "$root/target/bench/policy_writer.json"
+
+echo "== warren-node end to end: NetworkPolicy patched through the API → programmed, 10 000 pods / 1 000 policies"
+"$target/release/examples/policy_latency_bench" "$target/release/warren-node" --edits "${LATENCY_EDITS:-30}" --out "$root/target/bench/policy_latency.json"
 
 echo "== lab: up to Ready, pod create to Running"
 "$root/scripts/bench-lab.sh"
