@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
-use cluster::{edit_policy, p50_p95_ms, write_json, NODE};
+use cluster::{api_policy_spec, edit_policy, p50_p95_ms, write_json, NODE};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::core::ObjectList;
@@ -41,7 +41,7 @@ use kube::runtime::watcher;
 use node_daemon::policy_sync::{self, Listed, ModelCache, Objects, PolicyBuild, PolicyPod};
 use node_daemon::slim_pod::SlimPod;
 use policy::compile::Compiler;
-use policy::model::{Peer, Policy, PortMatch, PortSpec, Selector};
+use policy::model::Policy;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
@@ -485,80 +485,14 @@ fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Value {
     })
 }
 
-fn selector(s: &Selector) -> Value {
-    let exprs: Vec<Value> = s
-        .match_expressions
-        .iter()
-        .map(|r| json!({"key": r.key, "operator": format!("{:?}", r.operator), "values": r.values}))
-        .collect();
-    json!({"matchLabels": s.match_labels, "matchExpressions": exprs})
-}
-
-fn peer(p: &Peer) -> Value {
-    match p {
-        Peer::IpBlock { cidr, except } => json!({"ipBlock": {
-            "cidr": cidr.to_string(),
-            "except": except.iter().map(|e| e.to_string()).collect::<Vec<_>>()
-        }}),
-        Peer::Pods { namespaces, pods } => {
-            let mut v = json!({});
-            if let Some(n) = namespaces {
-                v["namespaceSelector"] = selector(n);
-            }
-            if let Some(s) = pods {
-                v["podSelector"] = selector(s);
-            }
-            v
-        }
-    }
-}
-
-fn port(p: &PortMatch) -> Value {
-    let mut v = json!({"protocol": p.protocol.name().to_uppercase()});
-    match &p.port {
-        None => {}
-        Some(PortSpec::Number { port, end }) => {
-            v["port"] = json!(port);
-            if let Some(e) = end {
-                v["endPort"] = json!(e);
-            }
-        }
-        Some(PortSpec::Named(n)) => v["port"] = json!(n),
-    }
-    v
-}
-
 /// The NetworkPolicy that converts back to `p`.
 fn k8s_policy(p: &Policy, rv: &str) -> Value {
-    let rules = |rules: &[policy::model::Rule], peers: &str| -> Vec<Value> {
-        rules
-            .iter()
-            .map(|r| {
-                json!({
-                    peers: r.peers.iter().map(peer).collect::<Vec<_>>(),
-                    "ports": r.ports.iter().map(port).collect::<Vec<_>>()
-                })
-            })
-            .collect()
-    };
-    let mut types = vec![];
-    if p.ingress_type {
-        types.push("Ingress");
-    }
-    if p.egress_type {
-        types.push("Egress");
-    }
     json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": p.name, "namespace": p.namespace, "resourceVersion": rv,
                      "uid": uid(&format!("{}/{}", p.namespace, p.name)), "generation": 1,
                      "creationTimestamp": "2025-01-01T00:00:00Z"},
-        "spec": {
-            "podSelector": selector(&p.pod_selector),
-            "ingress": rules(&p.ingress, "from"),
-            "egress": rules(&p.egress, "to"),
-            "policyTypes": types
-        }
+        "spec": api_policy_spec(p)
     })
 }

@@ -39,12 +39,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use policy::compile::Compiler;
-use policy::model::{Model, Operator, Peer, PortMatch, PortSpec, Protocol, Rule, Selector};
+use policy::model::Model;
 use policy::NodeCtx;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use cluster::{edit_policy, write_json, NODE};
+use cluster::{api_policy_spec, edit_policy, write_json, NODE};
 
 const INNER: &str = "WARREN_POLICY_LATENCY_BENCH_INNER";
 const NODE_IP: &str = "172.20.0.1";
@@ -126,94 +126,6 @@ fn main() -> Result<()> {
         .block_on(inner(o))
 }
 
-fn selector(s: &Selector) -> Value {
-    let exprs: Vec<Value> = s
-        .match_expressions
-        .iter()
-        .map(|r| {
-            let op = match r.operator {
-                Operator::In => "In",
-                Operator::NotIn => "NotIn",
-                Operator::Exists => "Exists",
-                Operator::DoesNotExist => "DoesNotExist",
-            };
-            json!({"key": r.key, "operator": op, "values": r.values})
-        })
-        .collect();
-    json!({"matchLabels": s.match_labels, "matchExpressions": exprs})
-}
-
-fn peer(p: &Peer) -> Value {
-    match p {
-        Peer::Pods { namespaces, pods } => {
-            let mut v = json!({});
-            if let Some(n) = namespaces {
-                v["namespaceSelector"] = selector(n);
-            }
-            if let Some(s) = pods {
-                v["podSelector"] = selector(s);
-            }
-            v
-        }
-        Peer::IpBlock { cidr, except } => {
-            let except: Vec<String> = except.iter().map(ToString::to_string).collect();
-            json!({"ipBlock": {"cidr": cidr.to_string(), "except": except}})
-        }
-    }
-}
-
-fn port(p: &PortMatch) -> Value {
-    let protocol = match p.protocol {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    };
-    let mut v = json!({ "protocol": protocol });
-    match &p.port {
-        Some(PortSpec::Number { port, end }) => {
-            v["port"] = json!(port);
-            if let Some(e) = end {
-                v["endPort"] = json!(e);
-            }
-        }
-        Some(PortSpec::Named(n)) => v["port"] = json!(n),
-        None => {}
-    }
-    v
-}
-
-fn rules(rs: &[Rule], peers_key: &str) -> Value {
-    rs.iter()
-        .map(|r| {
-            let mut v = json!({});
-            if !r.peers.is_empty() {
-                v[peers_key] = r.peers.iter().map(peer).collect();
-            }
-            if !r.ports.is_empty() {
-                v["ports"] = r.ports.iter().map(port).collect();
-            }
-            v
-        })
-        .collect()
-}
-
-/// The NetworkPolicy spec a model policy was compiled from.
-fn policy_spec(p: &policy::model::Policy) -> Value {
-    let mut types = vec![];
-    if p.ingress_type {
-        types.push("Ingress");
-    }
-    if p.egress_type {
-        types.push("Egress");
-    }
-    json!({
-        "podSelector": selector(&p.pod_selector),
-        "policyTypes": types,
-        "ingress": rules(&p.ingress, "from"),
-        "egress": rules(&p.egress, "to"),
-    })
-}
-
 async fn client(kubeconfig: &Path) -> Result<Client> {
     let kc = Kubeconfig::read_from(kubeconfig)?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
@@ -265,7 +177,7 @@ async fn load(c: &Client, m: &policy::model::Model) -> Result<()> {
             let pp = pp.clone();
             async move {
                 let o: NetworkPolicy =
-                    serde_json::from_value(json!({"metadata": {"name": p.name}, "spec": policy_spec(p)}))?;
+                    serde_json::from_value(json!({"metadata": {"name": p.name}, "spec": api_policy_spec(p)}))?;
                 api.create(&pp, &o).await?;
                 anyhow::Ok(())
             }
@@ -402,7 +314,7 @@ async fn run_backend(
         api.patch(
             &p.name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": policy_spec(p)})),
+            &Patch::Merge(json!({"spec": api_policy_spec(p)})),
         )
         .await
         .with_context(|| format!("patching {}/{}", p.namespace, p.name))?;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use policy::model::{
     Model, NamedPort, Namespace, Operator, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule, Selector,
 };
+use serde_json::{json, Value};
 
 /// Deterministic pseudo-random numbers, so that every run measures the same cluster.
 pub struct Lcg(pub u64);
@@ -197,4 +198,80 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()>
     }
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     std::fs::write(path, text + "\n")
+}
+
+/// A model selector as the API spells it.
+pub fn api_selector(s: &Selector) -> Value {
+    let exprs: Vec<Value> = s
+        .match_expressions
+        .iter()
+        .map(|r| json!({"key": r.key, "operator": format!("{:?}", r.operator), "values": r.values}))
+        .collect();
+    json!({"matchLabels": s.match_labels, "matchExpressions": exprs})
+}
+
+fn api_peer(p: &Peer) -> Value {
+    match p {
+        Peer::Pods { namespaces, pods } => {
+            let mut v = json!({});
+            if let Some(n) = namespaces {
+                v["namespaceSelector"] = api_selector(n);
+            }
+            if let Some(s) = pods {
+                v["podSelector"] = api_selector(s);
+            }
+            v
+        }
+        Peer::IpBlock { cidr, except } => {
+            let except: Vec<String> = except.iter().map(ToString::to_string).collect();
+            json!({"ipBlock": {"cidr": cidr.to_string(), "except": except}})
+        }
+    }
+}
+
+fn api_port(p: &PortMatch) -> Value {
+    let mut v = json!({ "protocol": p.protocol.name().to_uppercase() });
+    match &p.port {
+        Some(PortSpec::Number { port, end }) => {
+            v["port"] = json!(port);
+            if let Some(e) = end {
+                v["endPort"] = json!(e);
+            }
+        }
+        Some(PortSpec::Named(n)) => v["port"] = json!(n),
+        None => {}
+    }
+    v
+}
+
+fn api_rules(rs: &[Rule], peers_key: &str) -> Value {
+    rs.iter()
+        .map(|r| {
+            let mut v = json!({});
+            if !r.peers.is_empty() {
+                v[peers_key] = r.peers.iter().map(api_peer).collect();
+            }
+            if !r.ports.is_empty() {
+                v["ports"] = r.ports.iter().map(api_port).collect();
+            }
+            v
+        })
+        .collect()
+}
+
+/// The NetworkPolicy spec that converts back to `p`.
+pub fn api_policy_spec(p: &Policy) -> Value {
+    let mut types = vec![];
+    if p.ingress_type {
+        types.push("Ingress");
+    }
+    if p.egress_type {
+        types.push("Egress");
+    }
+    json!({
+        "podSelector": api_selector(&p.pod_selector),
+        "policyTypes": types,
+        "ingress": api_rules(&p.ingress, "from"),
+        "egress": api_rules(&p.egress, "to"),
+    })
 }
