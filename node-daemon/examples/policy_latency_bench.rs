@@ -156,7 +156,7 @@ async fn load(c: &Client, m: &policy::model::Model) -> Result<()> {
                 let ports: Vec<Value> = p
                     .ports
                     .iter()
-                    .map(|n| json!({"name": n.name, "containerPort": n.port, "protocol": "TCP"}))
+                    .map(|n| json!({"name": n.name, "containerPort": n.port, "protocol": n.protocol.name().to_uppercase()}))
                     .collect();
                 let o: Pod = serde_json::from_value(json!({
                     "metadata": {"name": p.name, "labels": *p.labels},
@@ -339,7 +339,7 @@ async fn run_backend(
         daemon_side.push(ms_of("warren_event_to_programmed_last_seconds"));
         compiles.push(ms_of("warren_policy_compile_last_seconds"));
         applies.push(ms_of("warren_policy_apply_last_seconds"));
-        tracing_line(backend, lat.len(), kind, d);
+        report_edit(backend, lat.len(), kind, d);
         tokio::time::sleep(EDIT_SPACING).await;
     }
     let rss = proc_kib(pid, "VmHWM:");
@@ -377,7 +377,7 @@ async fn run_backend(
     }))
 }
 
-fn tracing_line(backend: &str, k: usize, kind: &str, d: Duration) {
+fn report_edit(backend: &str, k: usize, kind: &str, d: Duration) {
     if std::env::var_os("WARREN_BENCH_VERBOSE").is_some() {
         eprintln!("{backend} edit {k} ({kind}): {:.1} ms", d.as_secs_f64() * 1e3);
     }

@@ -244,7 +244,7 @@ impl ChainForms {
             self.printed.insert(chain.clone(), *fp);
         }
         if written {
-            for (chain, fp) in plan.written.iter().zip(&plan.written_fingerprints) {
+            for (chain, fp) in &plan.written {
                 self.printed.remove(chain);
                 self.unread.insert(chain.clone(), *fp);
             }
@@ -336,10 +336,8 @@ pub struct TablePlan {
     pub restore: String,
     /// Human names of what changes (for logs and drift accounting).
     pub changed: Vec<String>,
-    /// The chains the restore creates or rewrites.
-    pub written: Vec<String>,
-    /// Per chain of `written`, the fingerprint of the rules it holds as written.
-    pub written_fingerprints: Vec<u64>,
+    /// The chains the restore creates or rewrites, with the fingerprint of the rules written.
+    pub written: Vec<(String, u64)>,
     /// With [`ChainMarks::Content`]: how chains written earlier and read back now print
     /// (for [`ChainForms::record`]).
     pub learned: Vec<(String, (u64, u64))>,
@@ -359,7 +357,6 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
     let mut body = Vec::new();
     let mut changed = Vec::new();
     let mut written = Vec::new();
-    let mut written_fingerprints = Vec::new();
     let mut learned = Vec::new();
     let tname = table.name();
 
@@ -387,10 +384,9 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
         };
         // Declaring a chain in a --noflush restore creates it or flushes it: the rewrite is atomic.
         decls.push(format!(":{chain} - [0:0]"));
-        written_fingerprints.push(fingerprint(lines.iter().map(String::as_str)));
+        written.push((chain.clone(), fingerprint(lines.iter().map(String::as_str))));
         body.extend(lines.into_iter().map(|l| format!("-A {chain} {l}")));
         changed.push(format!("chain {tname}/{chain}"));
-        written.push(chain.clone());
     }
 
     let wanted: BTreeMap<String, &Hook> = hooks.iter().map(|h| (hook_hash(h), *h)).collect();
@@ -472,7 +468,6 @@ pub fn plan_table<R: Borrow<Vec<String>>>(
         restore: out,
         changed,
         written,
-        written_fingerprints,
         learned,
     }
 }
@@ -502,13 +497,11 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
     let mut inserts = Vec::new();
     let mut changed = Vec::new();
     let mut written = Vec::new();
-    let mut written_fingerprints = Vec::new();
     for (chain, rules) in desired {
         let rules: &Vec<String> = rules.borrow();
         let hashes = rule_hashes(chain, rules);
         let lines = rules.iter().zip(&hashes).map(|(r, h)| tagged(h, r));
-        written.push(chain.clone());
-        written_fingerprints.push(fingerprint(rules.iter().map(String::as_str)));
+        written.push((chain.clone(), fingerprint(rules.iter().map(String::as_str))));
         if exists(chain) {
             // Inserted at the head in reverse order. Without a rule number iptables-nft needs no
             // rule cache for the chain (measured: 4 ms less per batch, more in a large table).
@@ -536,7 +529,6 @@ pub fn plan_inserts<R: Borrow<Vec<String>>>(
         restore: out,
         changed,
         written,
-        written_fingerprints,
         learned: Vec::new(),
     }
 }
@@ -816,7 +808,10 @@ mod tests {
         let plan = plan_table(Table::Filter, &want, &[], &SavedTable::default(), false, &forms);
         assert!(!plan.restore.contains("warren:"), "no hashes: {}", plan.restore);
         assert_eq!(plan.restore.matches("--comment").count(), 1, "{}", plan.restore);
-        assert_eq!(plan.written, ["WARREN-P"]);
+        assert_eq!(
+            plan.written.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["WARREN-P"]
+        );
         forms.record(&plan, true, None);
 
         // The save prints the first rule as written, the second its own way (`-m tcp`).
@@ -852,7 +847,10 @@ mod tests {
         // written, once; one that reads exactly as written stays.
         let fresh = ChainForms::new(ChainMarks::Content);
         let plan = plan_table(Table::Filter, &want, &[], &canonical, false, &fresh);
-        assert_eq!(plan.written, ["WARREN-P"]);
+        assert_eq!(
+            plan.written.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+            ["WARREN-P"]
+        );
         let mut exact = want.clone();
         exact.insert(
             "WARREN-P".into(),
