@@ -299,7 +299,9 @@ where
         let mut relabelled = old
             .convert()
             .with_context(|| format!("{ns}/{name} takes part in policy"))?;
-        std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), format!("app{}", (i + n) % 40));
+        let mut labels = relabelled.labels.to_map();
+        labels.insert("app".into(), format!("app{}", (i + n) % 40));
+        relabelled.labels = std::sync::Arc::new(labels.into());
         // Its next version as a watch event brings it: read from the API's JSON.
         let pod: P = from_json(k8s_pod(&relabelled, n, &next_rv()));
         pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
@@ -401,7 +403,7 @@ fn uid(seed: &str) -> String {
 
 /// A pod as the API server returns it for a Deployment's replica, minus managedFields.
 fn k8s_pod(p: &policy::model::Pod, i: usize, rv: &str) -> Value {
-    let app = p.labels.get("app").cloned().unwrap_or_default();
+    let app = p.labels.get("app").unwrap_or_default().to_string();
     let hash = format!("{:010x}", digest(&app) & 0xff_ffff_ffff);
     let ip = p.ip.map(|ip| ip.to_string());
     let image = format!("registry.example.com/team/{app}:1.4.{}", i % 7);

@@ -142,7 +142,10 @@ impl PolicyPod for core::Pod {
 
 impl PolicyPod for SlimPod {
     fn convert(&self) -> Option<policy::model::Pod> {
-        convert::convert_pod(&self.to_k8s())
+        let mut p = convert::convert_pod(&self.to_k8s())?;
+        // The store's own labels: one copy per pod for the store and the model together.
+        p.labels = self.labels.clone();
+        Some(p)
     }
 }
 
@@ -828,7 +831,7 @@ mod tests {
     #[test]
     fn should_convert_again_only_on_a_new_resource_version() {
         let mut cache = ModelCache::default();
-        let app = |c: &ModelCache| c.model().pods[0].labels["app"].clone();
+        let app = |c: &ModelCache| c.model().pods[0].labels.get("app").map(str::to_string);
         let update = |c: &mut ModelCache, pods: &[core::Pod]| {
             c.update(Objects::<core::Namespace, _, net::NetworkPolicy> {
                 namespaces: &[],
@@ -837,13 +840,17 @@ mod tests {
             })
         };
         update(&mut cache, &[pod("a", "web", "7", "web", "node1", "10.233.90.2")]);
-        assert_eq!(app(&cache), "web");
+        assert_eq!(app(&cache).as_deref(), Some("web"));
         // The API server never changes an object without a new resourceVersion: the same one
         // is taken as the same object, whatever the content.
         update(&mut cache, &[pod("a", "web", "7", "db", "node1", "10.233.90.2")]);
-        assert_eq!(app(&cache), "web", "same resourceVersion, not converted again");
+        assert_eq!(
+            app(&cache).as_deref(),
+            Some("web"),
+            "same resourceVersion, not converted again"
+        );
         update(&mut cache, &[pod("a", "web", "8", "db", "node1", "10.233.90.2")]);
-        assert_eq!(app(&cache), "db", "new resourceVersion, new labels");
+        assert_eq!(app(&cache).as_deref(), Some("db"), "new resourceVersion, new labels");
     }
 
     #[test]

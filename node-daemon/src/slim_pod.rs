@@ -7,14 +7,13 @@
 //! store at 10 000 pods against issue 5's 60 MiB for the whole daemon. [`SlimPod`] is served by
 //! the same `/api/v1/pods` list and watch (it is a `k8s_openapi::Resource` with the Pod's own
 //! API constants), and serde skips every field it does not name without allocating it.
-//! Its labels are packed ([`Labels`]): in a `BTreeMap` they were half of what was left.
+//! Its labels are packed ([`PackedLabels`]): in a `BTreeMap` they were half of what was left.
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use serde::de::Error as _;
+use policy::PackedLabels;
 use serde::{Deserialize, Deserializer};
 
 /// A Pod reduced, as it is deserialized, to its names, uid, labels, resourceVersion,
@@ -30,91 +29,10 @@ pub struct SlimPod {
     /// and managedFields (often most of a pod's bytes) are never read by the daemon. The labels
     /// are in [`SlimPod::labels`], so `metadata.labels` (and `ResourceExt::labels`) is empty.
     pub metadata: ObjectMeta,
-    /// `metadata.labels`.
-    pub labels: Labels,
+    /// `metadata.labels`, packed, and shared with the pod's entry in the policy model.
+    pub labels: Arc<PackedLabels>,
     pub spec: Option<SlimPodSpec>,
     pub status: Option<SlimPodStatus>,
-}
-
-/// A pod's labels in two allocations. A `BTreeMap<String, String>` takes a 544-byte node even
-/// for one label, plus one allocation per key and value: ~750 bytes for a Deployment's three
-/// labels, against ~100 here.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Labels {
-    /// Each key then its value, back to back, in key order.
-    text: Box<str>,
-    /// Where each (key, value) ends in `text`.
-    ends: Box<[(u32, u32)]>,
-}
-
-impl Labels {
-    /// `None` past 4 GiB of text (the API server refuses a fraction of that).
-    pub fn new<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<Labels> {
-        let mut sorted: Vec<(&str, &str)> = pairs.into_iter().collect();
-        // Stable: a key's values stay in their order, and as in a map the last one wins.
-        sorted.sort_by_key(|(k, _)| *k);
-        sorted.reverse();
-        sorted.dedup_by_key(|(k, _)| *k);
-        sorted.reverse();
-        let mut text = String::with_capacity(sorted.iter().map(|(k, v)| k.len() + v.len()).sum());
-        let mut ends = Vec::with_capacity(sorted.len());
-        for (k, v) in sorted {
-            text.push_str(k);
-            let key_end = u32::try_from(text.len()).ok()?;
-            text.push_str(v);
-            ends.push((key_end, u32::try_from(text.len()).ok()?));
-        }
-        Some(Labels {
-            text: text.into_boxed_str(),
-            ends: ends.into_boxed_slice(),
-        })
-    }
-
-    /// (key, value) in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        let mut start = 0;
-        self.ends.iter().map(move |&(key_end, value_end)| {
-            let (k, v) = (key_end as usize, value_end as usize);
-            // Always in bounds and on char boundaries: `new` recorded them.
-            let pair = (
-                self.text.get(start..k).unwrap_or_default(),
-                self.text.get(k..v).unwrap_or_default(),
-            );
-            start = v;
-            pair
-        })
-    }
-
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-}
-
-impl fmt::Debug for Labels {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.iter()).finish()
-    }
-}
-
-/// A JSON object of strings, or `null`.
-impl<'de> Deserialize<'de> for Labels {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default();
-        Labels::new(map.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .ok_or_else(|| D::Error::custom("labels too long"))
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -170,7 +88,7 @@ struct Meta {
     resource_version: Option<String>,
     creation_timestamp: Option<Time>,
     #[serde(default)]
-    labels: Labels,
+    labels: PackedLabels,
 }
 
 impl From<WirePod> for SlimPod {
@@ -185,7 +103,7 @@ impl From<WirePod> for SlimPod {
                 creation_timestamp: m.creation_timestamp,
                 ..ObjectMeta::default()
             },
-            labels: m.labels,
+            labels: Arc::new(m.labels),
             spec: w.spec,
             status: w.status,
         }
@@ -437,29 +355,6 @@ mod tests {
             assert!(serde_json::from_value::<SlimPod>(v.clone()).is_err(), "{v}");
             assert!(serde_json::from_value::<core::Pod>(v.clone()).is_err(), "{v}");
         }
-    }
-
-    #[test]
-    fn should_pack_labels_as_a_map_keeps_them() {
-        let pairs = [
-            ("tier", "web"),
-            ("app", "a"),
-            ("", ""),
-            ("tier", "db"),
-            ("k8s.io/x", "é"),
-        ];
-        let map: BTreeMap<&str, &str> = pairs.into_iter().collect();
-        let labels = Labels::new(pairs).unwrap();
-        assert_eq!(labels.iter().collect::<BTreeMap<_, _>>(), map);
-        assert!(labels.iter().map(|(k, _)| k).is_sorted());
-        assert_eq!(labels.len(), 4);
-        assert_eq!(labels.get("tier"), Some("db"), "the last value wins, as in a map");
-        assert_eq!(labels.get(""), Some(""));
-        assert_eq!(labels.get("k8s.io/x"), Some("é"));
-        assert_eq!(labels.get("absent"), None);
-        assert_eq!(format!("{labels:?}"), format!("{map:?}"));
-        let empty = Labels::new([]).unwrap();
-        assert!(empty.is_empty() && empty.iter().next().is_none() && empty == Labels::default());
     }
 
     #[test]

@@ -36,8 +36,8 @@ use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    Direction, Labels, Model, NamedPort, Namespace, Peer, Pod, Policy, PolicyError, PolicyRef, PortMatch, PortSpec,
-    Protocol, Selector,
+    Direction, Labels, Model, NamedPort, Namespace, PackedLabels, Peer, Pod, Policy, PolicyError, PolicyRef, PortMatch,
+    PortSpec, Protocol, Selector,
 };
 use crate::rule::{multiport_slots, Action, CtState, Match, Rule, SetDir, MULTIPORT_SLOTS};
 
@@ -524,7 +524,7 @@ impl<T> Slab<T> {
 /// of one workload usually do): the compiler keeps no copy of the model's pods.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PodShape {
-    labels: Arc<Labels>,
+    labels: Arc<PackedLabels>,
     ports: Arc<[NamedPort]>,
 }
 
@@ -535,7 +535,7 @@ struct PodState {
     ip: Option<Ipv4Addr>,
     /// The model's own allocations of the pod's labels and ports when last seen: the same
     /// pointer next pass means nothing changed, without comparing them.
-    seen: (Arc<Labels>, Arc<[NamedPort]>),
+    seen: (Arc<PackedLabels>, Arc<[NamedPort]>),
 }
 
 #[derive(Debug)]
@@ -674,7 +674,7 @@ type SelectMemo = HashMap<(Id, usize), [Vec<Id>; 2]>;
 /// A local workload: itself, whether its pod is in the model, its address, its groups.
 type LocalWorkload<'a> = (&'a Workload, bool, Option<Ipv4Addr>, [Option<Id>; 2]);
 
-fn shape_hash(labels: &Labels, ports: &[NamedPort]) -> u64 {
+fn shape_hash(labels: &PackedLabels, ports: &[NamedPort]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     labels.hash(&mut h);
@@ -2110,7 +2110,7 @@ mod tests {
         let pod = |app: &str| Pod {
             namespace: "a".into(),
             name: "web".into(),
-            labels: Arc::new([("app".to_string(), app.to_string())].into()),
+            labels: Arc::new(PackedLabels::new([("app", app)])),
             ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
             node: "n1".into(),
             ports: Arc::new([]),

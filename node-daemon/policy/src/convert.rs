@@ -11,8 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Model, NamedPort, Namespace, Operator, Peer, Pod, Policy, PolicyError, PolicyRef, PortMatch, PortSpec, Protocol,
-    Requirement, Rule, Selector,
+    Model, NamedPort, Namespace, Operator, PackedLabels, Peer, Pod, Policy, PolicyError, PolicyRef, PortMatch,
+    PortSpec, Protocol, Requirement, Rule, Selector,
 };
 
 /// The label the API server puts on every namespace.
@@ -106,7 +106,13 @@ pub fn convert_pod(p: &core::Pod) -> Option<Pod> {
     Some(Pod {
         namespace: object_namespace(&p.metadata).to_string(),
         name: p.metadata.name.clone()?,
-        labels: p.metadata.labels.clone().unwrap_or_default().into(),
+        labels: Arc::new(PackedLabels::new(
+            p.metadata
+                .labels
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )),
         ip,
         node: spec.node_name.clone().unwrap_or_default(),
         ports: ports.into(),

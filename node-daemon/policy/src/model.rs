@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
+pub use crate::labels::{LabelLookup, PackedLabels};
+
 pub type Labels = BTreeMap<String, String>;
 
 /// L4 protocols a NetworkPolicy port may name.
@@ -59,7 +61,7 @@ pub struct NamedPort {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
-    pub labels: Arc<Labels>,
+    pub labels: Arc<PackedLabels>,
     /// None until the pod has an address; such a pod is in no set and matches no peer.
     pub ip: Option<Ipv4Addr>,
     pub node: String,
@@ -125,14 +127,17 @@ impl Selector {
         self
     }
 
-    pub fn matches(&self, labels: &Labels) -> bool {
-        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    pub fn matches<L: LabelLookup + ?Sized>(&self, labels: &L) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.label(k) == Some(v.as_str()))
             && self.match_expressions.iter().all(|r| {
-                let got = labels.get(&r.key);
+                let got = labels.label(&r.key);
+                let listed = |g: &str| r.values.iter().any(|v| v == g);
                 match r.operator {
-                    Operator::In => got.is_some_and(|g| r.values.contains(g)),
+                    Operator::In => got.is_some_and(listed),
                     // Kubernetes: NotIn also matches objects that lack the key.
-                    Operator::NotIn => got.is_none_or(|g| !r.values.contains(g)),
+                    Operator::NotIn => got.is_none_or(|g| !listed(g)),
                     Operator::Exists => got.is_some(),
                     Operator::DoesNotExist => got.is_none(),
                 }
@@ -390,35 +395,39 @@ impl Model {
 mod tests {
     use super::*;
 
-    fn l(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    /// Whether `s` selects `pairs`, asked of a namespace's map and of a pod's packed labels.
+    fn m(s: &Selector, pairs: &[(&str, &str)]) -> bool {
+        let map: Labels = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let packed = PackedLabels::new(pairs.iter().copied());
+        assert_eq!(s.matches(&map), s.matches(&packed), "{s:?} on {pairs:?}");
+        s.matches(&packed)
     }
 
     #[test]
     fn should_match_labels_and_expressions_as_kubernetes_does() {
         let any = Selector::everything();
-        assert!(any.matches(&l(&[])));
+        assert!(m(&any, &[]));
         let s = Selector::labels([("app", "web")]);
-        assert!(s.matches(&l(&[("app", "web"), ("x", "y")])));
-        assert!(!s.matches(&l(&[("app", "db")])));
-        assert!(!s.matches(&l(&[])));
+        assert!(m(&s, &[("app", "web"), ("x", "y")]));
+        assert!(!m(&s, &[("app", "db")]));
+        assert!(!m(&s, &[]));
         let inn = Selector::everything().with_expr("env", Operator::In, &["a", "b"]);
-        assert!(inn.matches(&l(&[("env", "b")])));
-        assert!(!inn.matches(&l(&[("env", "c")])));
-        assert!(!inn.matches(&l(&[])));
+        assert!(m(&inn, &[("env", "b")]));
+        assert!(!m(&inn, &[("env", "c")]));
+        assert!(!m(&inn, &[]));
         let notin = Selector::everything().with_expr("env", Operator::NotIn, &["a"]);
-        assert!(notin.matches(&l(&[("env", "b")])));
-        assert!(!notin.matches(&l(&[("env", "a")])));
-        assert!(notin.matches(&l(&[])), "NotIn matches a missing key");
+        assert!(m(&notin, &[("env", "b")]));
+        assert!(!m(&notin, &[("env", "a")]));
+        assert!(m(&notin, &[]), "NotIn matches a missing key");
         let exists = Selector::everything().with_expr("env", Operator::Exists, &[]);
-        assert!(exists.matches(&l(&[("env", "")])));
-        assert!(!exists.matches(&l(&[])));
+        assert!(m(&exists, &[("env", "")]));
+        assert!(!m(&exists, &[]));
         let dne = Selector::everything().with_expr("env", Operator::DoesNotExist, &[]);
-        assert!(dne.matches(&l(&[])));
-        assert!(!dne.matches(&l(&[("env", "x")])));
+        assert!(m(&dne, &[]));
+        assert!(!m(&dne, &[("env", "x")]));
         let both = Selector::labels([("app", "web")]).with_expr("env", Operator::In, &["a"]);
-        assert!(both.matches(&l(&[("app", "web"), ("env", "a")])));
-        assert!(!both.matches(&l(&[("app", "web")])));
+        assert!(m(&both, &[("app", "web"), ("env", "a")]));
+        assert!(!m(&both, &[("app", "web")]));
     }
 
     #[test]

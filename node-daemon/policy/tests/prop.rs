@@ -183,7 +183,7 @@ fn pod(i: usize) -> impl Strategy<Value = Pod> {
         move |(ns, labels, node, ports, has_ip)| Pod {
             namespace: format!("ns{ns}"),
             name: format!("pod{i}"),
-            labels: labels.into(),
+            labels: std::sync::Arc::new(labels.into()),
             // 10.1.1.2 and 10.1.2.x fall inside the except blocks above.
             ip: has_ip.then(|| Ipv4Addr::new(10, 1, 1 + (i % 2) as u8, 2 + i as u8)),
             node: NODES[node].to_string(),
@@ -408,7 +408,7 @@ impl NodeState {
             let pod = Pod {
                 namespace: namespace.clone(),
                 name: name.clone(),
-                labels: BTreeMap::new().into(),
+                labels: Default::default(),
                 ip: Some(Ipv4Addr::UNSPECIFIED),
                 node: "n1".into(),
                 ports: vec![].into(),

@@ -556,7 +556,7 @@ spec:
         .iter_mut()
         .find(|p| p.name == "other")
         .unwrap()
-        .labels = std::sync::Arc::new([("app".into(), "client".into())].into());
+        .labels = std::sync::Arc::new(policy::PackedLabels::new([("app", "client")]));
     assert!(r.allows("b/other", "a/web", tcp(80)));
 
     // Namespace relabel.

@@ -4,13 +4,13 @@
 // Each includer uses a different part of this file.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
 use policy::model::{
-    Model, NamedPort, Namespace, Operator, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule, Selector,
+    Model, NamedPort, Namespace, Operator, PackedLabels, Peer, Pod, Policy, PortMatch, PortSpec, Protocol, Rule,
+    Selector,
 };
 use serde_json::{json, Value};
 
@@ -39,9 +39,11 @@ pub fn pod_ip(i: usize) -> Ipv4Addr {
 
 /// Pod number `i` of the simulated cluster, on `node`.
 pub fn pod(r: &mut Lcg, i: usize, node: String) -> Pod {
-    let mut labels = BTreeMap::new();
-    labels.insert("app".to_string(), format!("app{}", r.next(40)));
-    labels.insert("tier".to_string(), ["web", "api", "db"][r.next(3) as usize].to_string());
+    let app = format!("app{}", r.next(40));
+    let labels = PackedLabels::new([
+        ("app", app.as_str()),
+        ("tier", ["web", "api", "db"][r.next(3) as usize]),
+    ]);
     Pod {
         namespace: format!("ns{}", i % NAMESPACES),
         name: format!("pod{i}"),

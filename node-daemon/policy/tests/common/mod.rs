@@ -82,7 +82,7 @@ impl Cluster {
         std::sync::Arc::make_mut(&mut self.model.pods).push(Pod {
             namespace: ns.into(),
             name: name.into(),
-            labels: labels(l).into(),
+            labels: std::sync::Arc::new(labels(l).into()),
             ip: Some(ip.parse().unwrap()),
             node: node.into(),
             ports: ports
