@@ -829,6 +829,15 @@ mod tests {
     }
 
     #[test]
+    fn should_give_the_model_the_stores_own_labels() {
+        let api = pod("a", "web", "7", "web", "node1", "10.233.90.2");
+        let stored = &slim(std::slice::from_ref(&api))[0];
+        let converted = stored.convert().expect("a pod with an address takes part");
+        assert!(Arc::ptr_eq(&converted.labels, &stored.labels), "one copy of the labels");
+        assert_eq!(Some(converted), convert::convert_pod(&api));
+    }
+
+    #[test]
     fn should_convert_again_only_on_a_new_resource_version() {
         let mut cache = ModelCache::default();
         let app = |c: &ModelCache| c.model().pods[0].labels.get("app").map(str::to_string);

@@ -62,8 +62,7 @@ impl PackedLabels {
     /// (key, value) in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
         let mut start = 0;
-        self.ends.iter().map(move |&(key_end, value_end)| {
-            let (k, v) = (key_end, value_end);
+        self.ends.iter().map(move |&(k, v)| {
             // Always in bounds and on char boundaries: `new` recorded them.
             let pair = (
                 self.text.get(start..k).unwrap_or_default(),
